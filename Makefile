@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (each creates .venv and installs what it needs):
+#   make demo   - robust + class-fair training (TRADES + CSR) on the embedded digits data set
+#   make test   - lint and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench-digits clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/confspec fit --config configs/digits/trades_csr.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check confspec_lightning tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q -ra
+
+bench-digits: $(STAMP)
+	$(BIN)/python benchmarks/digits/run.py
+
+clean:
+	rm -rf $(VENV) runs lightning_logs

@@ -1,0 +1,217 @@
+"""Projected gradient descent (PGD) attacks in plain torch.
+
+PGD (Madry et al., 2018) under an l_inf or l_2 budget, maximising either the cross entropy with the
+label (``"ce"``, uniform random start) or the TRADES objective KL(p(x) || p(x_adv)) (``"trades_kl"``,
+start x + 0.001 N(0, 1); Zhang et al., 2019).
+
+Properties every caller can rely on:
+
+* the model is attacked in eval mode and every submodule's own ``training`` flag is restored after;
+* input gradients come from ``torch.autograd.grad`` only: no parameter ``.grad`` is touched, no DDP
+  hook fires;
+* the attack works inside ``torch.inference_mode()`` / ``torch.no_grad()`` (validation, test): it
+  re-enables autograd on a cloned batch;
+* under ``bf16``/``fp16`` autocast the input gradient cannot underflow to zero: the backward pass is
+  seeded with the objective's gradient at the logits, computed in float32 and normalised per sample
+  (a positive per-sample factor leaves the sign and the l_2 direction of the step unchanged);
+* the returned adversarial batch is detached and lies in ``[0, 1]`` within the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Norm = Literal["linf", "l2"]
+AttackObjective = Literal["ce", "trades_kl"]
+NORMS: tuple[str, ...] = ("linf", "l2")
+ATTACK_OBJECTIVES: tuple[str, ...] = ("ce", "trades_kl")
+
+
+def check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    """Raise a ``ValueError`` naming ``name``, the bad ``value`` and the accepted strings."""
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not accepted; choose one of {', '.join(map(repr, accepted))}.")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """A PGD threat model and budget (pixel units: inputs live in [0, 1]).
+
+    Args:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: radius of the perturbation ball (> 0), e.g. 8/255 for l_inf, 0.5 for l_2.
+        step: step size of each PGD iteration (> 0), e.g. 2/255.
+        steps: number of PGD iterations (>= 1).
+        random_start: start from a random point (uniform in the ball for ``ce``, x + 0.001 N(0, 1) for
+            ``trades_kl``); ``False`` starts at x (deterministic attacks, e.g. for exact comparisons).
+    """
+
+    norm: Norm = "linf"
+    eps: float = 8 / 255
+    step: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("attack.norm", self.norm, NORMS)
+        if not self.eps > 0:
+            raise ValueError(f"attack.eps={self.eps!r} is not accepted; it must be > 0 (pixel units, e.g. 8/255).")
+        if not self.step > 0:
+            raise ValueError(f"attack.step={self.step!r} is not accepted; it must be > 0 (e.g. 2/255).")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"attack.steps={self.steps!r} is not accepted; it must be an integer >= 1.")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own ``training`` flag afterwards.
+
+    A blanket ``model.train()`` afterwards would unfreeze submodules the user froze on purpose
+    (e.g. BatchNorm layers of a fine-tuned backbone); this restores them one by one.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Enable autograd even inside ``torch.inference_mode()`` or ``torch.no_grad()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _per_sample(value: float | Tensor, reference: Tensor) -> Tensor:
+    """Broadcastable (B, 1, ..., 1) float32 tensor from a scalar or a (B,) tensor."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=reference.device)
+    if value.ndim == 0:
+        value = value.expand(reference.shape[0])
+    if value.shape != reference.shape[:1]:
+        raise ValueError(
+            f"per-sample eps/step must have shape ({reference.shape[0]},) to match the batch; got {tuple(value.shape)}."
+        )
+    return value.reshape(-1, *([1] * (reference.ndim - 1)))
+
+
+def _l2_norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(p=2, dim=1).reshape(-1, *([1] * (t.ndim - 1)))
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: Tensor, norm: Norm) -> Tensor:
+    """Project x_adv onto the ``norm`` ball of radius eps around x, then onto [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = torch.maximum(torch.minimum(delta, eps), -eps)
+    else:
+        delta = delta * torch.clamp(eps / _l2_norm(delta).clamp_min(1e-12), max=1.0)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def objective_logit_grad(
+    logits: Tensor, target: Tensor, objective: AttackObjective, clean_probs: Tensor | None
+) -> Tensor:
+    """Gradient of the per-sample attack objective with respect to the logits, in float32.
+
+    ``ce``: d CE(z, y) / dz = softmax(z) - onehot(y).
+    ``trades_kl``: d KL(p_clean || softmax(z)) / dz = softmax(z) - p_clean.
+    """
+    probs = logits.float().softmax(dim=1)
+    if objective == "ce":
+        return probs - F.one_hot(target, probs.shape[1]).to(probs.dtype)
+    assert clean_probs is not None
+    return probs - clean_probs
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    *,
+    eps: float | Tensor = 8 / 255,
+    step: float | Tensor = 2 / 255,
+    steps: int = 10,
+    norm: Norm = "linf",
+    objective: AttackObjective = "ce",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient ascent on ``objective`` within an ``norm`` ball of radius ``eps`` around ``x``.
+
+    x_{t+1} = Proj_{B(x, eps) ∩ [0,1]^d}(x_t + step * s(g_t)), s = sign (l_inf) or g / ||g||_2 (l_2),
+    g_t = ∇_x objective(f(x_t)). ``eps`` and ``step`` may be per-sample (B,) tensors.
+
+    Args:
+        model: maps [0, 1] images to logits (normalisation inside). Attacked in eval mode.
+        x: clean batch in [0, 1], shape (B, ...).
+        target: labels (B,), used by ``ce``.
+        eps: radius (scalar or (B,)).
+        step: step size (scalar or (B,)).
+        steps: number of iterations.
+        norm: ``"linf"`` or ``"l2"``.
+        objective: ``"ce"`` (uniform random start) or ``"trades_kl"`` (start x + 0.001 N(0, 1)).
+        random_start: use the random start above; ``False`` starts at x.
+        generator: optional RNG for the random start.
+
+    Returns:
+        The detached adversarial batch, same shape and dtype as ``x``.
+    """
+    check_choice("norm", norm, NORMS)
+    check_choice("objective", objective, ATTACK_OBJECTIVES)
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} is not accepted; it must be an integer >= 1.")
+    with grad_enabled(), eval_mode(model):
+        x = x.detach().clone()
+        target = target.detach().clone()
+        eps_t = _per_sample(eps, x)
+        step_t = _per_sample(step, x)
+        clean_probs = None
+        if objective == "trades_kl":
+            clean_probs = model(x).detach().float().softmax(dim=1)
+        x_adv = x
+        if random_start:
+            if objective == "trades_kl":
+                noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            elif norm == "linf":
+                noise = (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps_t
+            else:
+                direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                radius = torch.rand(eps_t.shape, generator=generator, device=x.device, dtype=x.dtype)
+                noise = direction / _l2_norm(direction).clamp_min(1e-12) * radius * eps_t
+            x_adv = _project(x + noise, x, eps_t, norm)
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            logits = model(x_adv)
+            seed = objective_logit_grad(logits, target, objective, clean_probs)
+            # Normalise per sample: keeps the step direction, keeps fp16 backward out of underflow.
+            seed = seed / seed.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            (grad,) = torch.autograd.grad(logits, [x_adv], grad_outputs=seed.to(logits.dtype))
+            grad = grad.float()
+            if norm == "linf":
+                direction = grad.sign()
+            else:
+                direction = grad / _l2_norm(grad).clamp_min(1e-12)
+            x_adv = _project(x_adv.detach() + step_t * direction.to(x.dtype), x, eps_t, norm)
+    return x_adv.detach()
+
+
+def attack_objective_value(
+    model: nn.Module, x: Tensor, x_adv: Tensor, target: Tensor, objective: AttackObjective
+) -> Tensor:
+    """Per-sample value of the attack objective at ``x_adv`` (for tests and diagnostics), eval mode."""
+    with torch.no_grad(), eval_mode(model):
+        logits = model(x_adv).float()
+        if objective == "ce":
+            return F.cross_entropy(logits, target, reduction="none")
+        clean_log_probs = model(x).float().log_softmax(dim=1)
+        return F.kl_div(logits.log_softmax(dim=1), clean_log_probs, reduction="none", log_target=True).sum(1)

@@ -1,0 +1,123 @@
+"""The ``confspec`` command: a ``LightningCLI`` for ``fit | validate | test | predict``.
+
+    confspec fit --config configs/digits/trades_csr.yaml
+    confspec test --config configs/digits/trades_csr.yaml --ckpt_path best
+
+* model and data in subclass mode (``class_path``), so user subclasses plug in from a config;
+* ``data.num_classes``, ``data.class_names``, ``data.mean`` and ``data.std`` are linked into the model,
+  so the class count and the normalisation are given once;
+* a ``checkpoint`` section configures the ModelCheckpoint (best = highest worst-class robust
+  accuracy on validation, plus ``last.ckpt``);
+* ``--ckpt_path best|last`` in a new process resolves to the newest run of the same logger
+  directory, so ``test`` after ``fit`` works as written above;
+* the parsed config is saved with every run next to its TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from confspec_lightning import __version__
+from confspec_lightning.module import RobustFairLitModule
+
+
+def _checkpoint_from_previous_run(trainer: Trainer, which: str) -> str | None:
+    """``best``/``last`` checkpoint of the newest earlier run under the trainer's logger directory."""
+    logger = trainer.logger
+    if logger is None or logger.save_dir is None:
+        return None
+    root = Path(logger.save_dir) / (logger.name or "")
+    candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for last in candidates:
+        if which == "last":
+            return str(last)
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        for key, callback_state in state.get("callbacks", {}).items():
+            if key.startswith("ModelCheckpoint") and callback_state.get("best_model_path"):
+                best = Path(callback_state["best_model_path"])
+                if best.is_file():
+                    return str(best)
+    return None
+
+
+class ConfspecCLI(LightningCLI):
+    """LightningCLI with the links and defaults of confspec-lightning."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": RobustFairLitModule.monitor,
+                "checkpoint.mode": RobustFairLitModule.mode,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-epoch{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        for name in ("num_classes", "class_names"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.link_arguments("data.mean", "model.init_args.input_mean", apply_on="instantiate")
+        parser.link_arguments("data.std", "model.init_args.input_std", apply_on="instantiate")
+
+    def _resolve_ckpt_path(self) -> None:
+        config = self.config_init[self.subcommand]
+        which = config.get("ckpt_path")
+        if which not in ("best", "last") or self.trainer.checkpoint_callback is None:
+            return
+        if which == "best" and self.trainer.checkpoint_callback.best_model_path:
+            return  # resolved by Lightning within this process
+        path = _checkpoint_from_previous_run(self.trainer, which)
+        if path is None:
+            root = Path(self.trainer.logger.save_dir) / (self.trainer.logger.name or "") if self.trainer.logger else "?"
+            raise FileNotFoundError(
+                f"--ckpt_path {which}: no earlier run with checkpoints was found under {root}/version_*/checkpoints; "
+                "run `confspec fit` with the same config first, or pass the path of a .ckpt file."
+            )
+        print(f"--ckpt_path {which} -> {path}", flush=True)
+        config["ckpt_path"] = path
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path()
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
+    """Parse ``args`` (default: ``sys.argv``), instantiate and, with ``run``, run the subcommand."""
+    return ConfspecCLI(
+        RobustFairLitModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "default"},
+            },
+        },
+        parser_kwargs={"version": f"confspec-lightning {__version__}", "description": __doc__.split("\n\n")[0]},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``confspec`` and ``python -m confspec_lightning``."""
+    build_cli(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

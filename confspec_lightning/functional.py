@@ -1,0 +1,160 @@
+"""Functional core of the confusional spectral regulariser (CSR).
+
+Jin, Wu, Liu, Huang, Mu, "Enhancing Robust Fairness via Confusional Spectral Regularization",
+ICLR 2025 (arXiv 2501.13273); the behaviour follows the project's ``method.md`` sections 1-3.
+
+* :func:`robust_confusion_matrix` - C (K x K), rows = predicted, columns = true class, zero diagonal.
+* :func:`spectral_direction` - G = u1 v1^T = d sigma_max(C) / dC (float64 SVD, non-negative,
+  optionally rescaled to [0.01, 2.01]).
+* :func:`csr_weights` - per-sample weights w_k = G[yhat_k, y_k].
+* :func:`spectral_norm`, :func:`classwise_error`, :func:`classwise_accuracy` - summaries of C.
+
+All functions are pure torch, run on the tensors' device and never synchronise host and device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from confspec_lightning.attacks import check_choice
+
+Margin = Literal["relative", "additive"]
+MARGINS: tuple[str, ...] = ("relative", "additive")
+
+
+def margin_predictions(logits: Tensor, target: Tensor, gamma: float = 0.0, margin: Margin = "relative") -> Tensor:
+    """Predicted classes after applying the confusion margin gamma.
+
+    ``relative`` (authors' code): the true-class logit is scaled by (1 - gamma) before the argmax.
+    ``additive`` (paper): every wrong-class logit is raised by gamma before the argmax.
+    With gamma = 0 both are the plain argmax.
+    """
+    check_choice("margin", margin, MARGINS)
+    if gamma == 0.0:
+        return logits.argmax(dim=1)
+    z = logits.detach().float()
+    is_true = F.one_hot(target, z.shape[1]).bool()
+    if margin == "relative":
+        z = torch.where(is_true, z * (1.0 - gamma), z)
+    else:
+        z = torch.where(is_true, z, z + gamma)
+    return z.argmax(dim=1)
+
+
+def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """(K, K) int64 counts: [i, j] = #samples with prediction i and true class j (diagonal included)."""
+    index = pred.long() * num_classes + target.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _check_inputs(logits: Tensor, target: Tensor, num_classes: int) -> None:
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(
+            f"logits must have shape (batch, num_classes={num_classes}); got {tuple(logits.shape)}."
+        )
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"target must have shape ({logits.shape[0]},); got {tuple(target.shape)}.")
+
+
+def robust_confusion_matrix(
+    logits: Tensor,
+    target: Tensor,
+    num_classes: int,
+    gamma: float = 0.0,
+    margin: Margin = "relative",
+    normalize: bool = False,
+) -> Tensor:
+    """Robust confusion matrix C of a batch of (adversarial) logits.
+
+    C[i, j] (i != j) = number of class-j samples predicted as i (after the margin, see
+    :func:`margin_predictions`); C[j, j] = 0. With ``normalize`` each column is divided by the
+    number of class-j samples, so column sums are the class-wise error rates and ||C||_1 is the
+    worst-class error (method.md section 1).
+
+    Returns:
+        float32 tensor (K, K).
+    """
+    _check_inputs(logits, target, num_classes)
+    pred = margin_predictions(logits, target, gamma, margin)
+    counts = _confusion_counts(pred, target, num_classes).float()
+    errors = counts.fill_diagonal_(0.0)
+    if normalize:
+        errors = errors / counts_per_class(target, num_classes).float().clamp_min(1.0)
+    return errors
+
+
+def counts_per_class(target: Tensor, num_classes: int) -> Tensor:
+    """Number of samples of each true class, int64 (K,)."""
+    return torch.bincount(target.long(), minlength=num_classes)
+
+
+def confusion_from_counts(errors: Tensor, class_counts: Tensor, normalize: bool = False) -> Tensor:
+    """C as float64 from accumulated error counts (K, K), divided per true class when ``normalize``."""
+    confusion = errors.to(torch.float64)
+    if normalize:
+        confusion = confusion / class_counts.to(torch.float64).clamp_min(1.0)
+    return confusion
+
+
+def spectral_direction(confusion: Tensor, rescale: bool = True) -> Tensor:
+    """Top singular direction G = u1 v1^T of the confusion matrix (method.md section 2).
+
+    C = U S V^T in float64; u1, v1 are taken non-negative (Perron-Frobenius: C >= 0), so G >= 0.
+    With ``rescale`` (authors' code): G <- 2 (G - min G) / (max G - min G) + 0.01, in [0.01, 2.01].
+    Guard: if C has no errors, or max G == min G (to 1e-9 relative), G = all ones. G is returned detached (a constant).
+
+    Returns:
+        float64 tensor (K, K).
+    """
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"confusion must be a square (K, K) matrix; got shape {tuple(confusion.shape)}.")
+    c = confusion.detach().to(torch.float64)
+    u, _, vh = torch.linalg.svd(c)
+    direction = torch.outer(u[:, 0].abs(), vh[0, :].abs())
+    ones = torch.ones_like(direction)
+    g_min, g_max = direction.min(), direction.max()
+    # max G == min G up to float64 SVD round-off (a constant G would otherwise rescale noise)
+    degenerate = (c.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
+    if rescale:
+        direction = 2.0 * (direction - g_min) / torch.where(degenerate, 1.0, g_max - g_min) + 0.01
+    return torch.where(degenerate, ones, direction)
+
+
+def csr_weights(direction: Tensor, adv_logits: Tensor, target: Tensor, include_diagonal: bool = True) -> Tensor:
+    """Per-sample CSR weights w_k = G[yhat_k, y_k], yhat_k = argmax f(x_adv_k) (method.md section 3).
+
+    With ``include_diagonal=False`` (paper form) correctly classified samples get weight 0; with
+    ``True`` (authors' code) they get G[y_k, y_k].
+
+    Returns:
+        detached float32 tensor (B,).
+    """
+    pred = adv_logits.detach().argmax(dim=1)
+    weights = direction.to(device=adv_logits.device, dtype=torch.float32)[pred, target]
+    if not include_diagonal:
+        weights = torch.where(pred == target, torch.zeros_like(weights), weights)
+    return weights
+
+
+def spectral_norm(confusion: Tensor) -> Tensor:
+    """||C||_2 = sigma_max(C), computed in float64."""
+    return torch.linalg.matrix_norm(confusion.detach().to(torch.float64), ord=2)
+
+
+def classwise_error(confusion: Tensor, class_counts: Tensor) -> Tensor:
+    """Class-wise error rates from raw error counts: column sums of C divided by the class counts.
+
+    Classes without samples get NaN (their error is undefined), never a silent 0.
+    """
+    counts = class_counts.to(torch.float64)
+    errors = confusion.detach().to(torch.float64).sum(dim=0)
+    return torch.where(counts > 0, errors / counts.clamp_min(1.0), torch.full_like(errors, float("nan")))
+
+
+def classwise_accuracy(confusion: Tensor, class_counts: Tensor) -> Tensor:
+    """Class-wise accuracy 1 - classwise_error (NaN for classes without samples)."""
+    return 1.0 - classwise_error(confusion, class_counts)

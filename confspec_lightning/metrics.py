@@ -1,0 +1,114 @@
+"""torchmetrics metrics: the robust confusion matrix, synchronised across DDP ranks by summation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from confspec_lightning import functional as CF
+from confspec_lightning.attacks import check_choice
+from confspec_lightning.functional import MARGINS, Margin
+
+
+class RobustConfusionMatrix(Metric):
+    """Accumulates the robust confusion matrix C (rows = predicted, columns = true, zero diagonal).
+
+    States (both ``dist_reduce_fx="sum"``, so ``compute()`` sums them over every DDP rank):
+    ``errors`` (K, K) int64 error counts and ``class_counts`` (K,) int64 samples per true class.
+    ``compute()`` returns C as float64 (normalised per true class when ``normalize``).
+    ``update`` only launches device kernels; it never synchronises host and device.
+
+    Args:
+        num_classes: K.
+        gamma: confusion margin (see :func:`confspec_lightning.functional.margin_predictions`).
+        margin: ``"relative"`` (authors' code) or ``"additive"`` (paper).
+        normalize: divide each column by its class count (rates instead of counts).
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    errors: Tensor
+    class_counts: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        gamma: float = 0.0,
+        margin: Margin = "relative",
+        normalize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r} is not accepted; it must be an integer >= 2.")
+        check_choice("margin", margin, MARGINS)
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma={gamma!r} is not accepted; it must lie in [0, 1).")
+        self.num_classes = num_classes
+        self.gamma = gamma
+        self.margin = margin
+        self.normalize = normalize
+        k = num_classes
+        self.add_state("errors", torch.zeros(k, k, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("class_counts", torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """Add a batch of logits (B, K) with labels (B,)."""
+        CF._check_inputs(logits, target, self.num_classes)
+        pred = CF.margin_predictions(logits, target, self.gamma, self.margin)
+        counts = CF._confusion_counts(pred, target, self.num_classes)
+        self.errors += counts.fill_diagonal_(0)
+        self.class_counts += CF.counts_per_class(target, self.num_classes)
+
+    def compute(self) -> Tensor:
+        """C as float64 (K, K); normalised per true class when ``normalize``."""
+        return CF.confusion_from_counts(self.errors, self.class_counts, self.normalize)
+
+    # Summaries of the accumulated (and, under DDP, synchronised) state.
+    def classwise_accuracy(self) -> Tensor:
+        """Per-class accuracy (K,) float64 over all ranks; NaN for a class without samples."""
+        errors, counts = self.synced_state()
+        return CF.classwise_accuracy(errors, counts)
+
+    def classwise_error(self) -> Tensor:
+        """Per-class error rate (K,) float64 over all ranks; NaN for a class without samples."""
+        errors, counts = self.synced_state()
+        return CF.classwise_error(errors, counts)
+
+    def spectral_norm(self) -> Tensor:
+        """||C||_2 of the (normalised, if ``normalize``) accumulated matrix."""
+        return CF.spectral_norm(self.compute())
+
+    def synced_state(self) -> tuple[Tensor, Tensor]:
+        """(errors, class_counts) summed over all DDP ranks (a collective: call it on every rank)."""
+        with self.sync_context(should_sync=self.sync_on_compute, should_unsync=True):
+            return self.errors.clone(), self.class_counts.clone()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint is loaded on the CPU; keep the states on the device the metric lives on.
+        for key in ("errors", "class_counts"):
+            if prefix + key in state_dict:
+                state_dict[prefix + key] = state_dict[prefix + key].to(getattr(self, key).device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def plot(  # type: ignore[override]
+        self,
+        val: Tensor | None = None,
+        ax: Any = None,
+        class_names: list[str] | None = None,
+        title: str = "robust confusion matrix",
+    ) -> tuple[Any, Any]:
+        """Heatmap of C (rows = predicted, columns = true class) with matplotlib.
+
+        Returns:
+            ``(figure, axes)``.
+        """
+        from confspec_lightning.plotting import confusion_heatmap
+
+        confusion = self.compute() if val is None else val
+        return confusion_heatmap(confusion, class_names=class_names, title=title, ax=ax)

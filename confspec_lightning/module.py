@@ -1,0 +1,371 @@
+"""``RobustFairLitModule``: adversarial training with class-fairness methods, as a thin Lightning shell.
+
+It wires the pure-torch parts: attack (``attacks.pgd``) -> base objective (``objectives``) ->
+fairness methods (``fairness``; CSR and later the baselines) -> loss (``objectives.combine_terms``),
+and evaluates clean and PGD-robust accuracy per class with the DDP-synchronised
+``metrics.RobustConfusionMatrix``.
+
+Subclass it to change a piece without copying the rest: override :meth:`generate_adversarial`
+(the training attack), :meth:`compute_objective` (the base loss terms), :meth:`compute_loss`
+(how terms and methods combine) or :meth:`evaluation_attack`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from confspec_lightning.attacks import AttackConfig, eval_mode, pgd
+from confspec_lightning.fairness.base import EpochContext, FairnessMethod
+from confspec_lightning.metrics import RobustConfusionMatrix
+from confspec_lightning.models.normalize import Normalize
+from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
+from confspec_lightning.reporting import ClasswiseReport
+
+try:  # set by LightningCLI while it instantiates the module (hyperparameters come from the config)
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older/newer Lightning
+    _given_hyperparameters = None
+
+#: Per-class accuracies are logged as TensorBoard scalars up to this many classes (figures always).
+MAX_CLASSWISE_SCALARS = 20
+EVAL_STAGES = ("val", "test")
+
+
+def _attack_config(value: AttackConfig | dict[str, Any]) -> AttackConfig:
+    """Accept an AttackConfig or a dict of its fields (as stored in checkpoints' hyperparameters)."""
+    return AttackConfig(**value) if isinstance(value, dict) else value
+
+
+class RobustFairLitModule(pl.LightningModule):
+    """Adversarial training (TRADES or PGD-AT) with stackable class-fairness methods such as CSR.
+
+    Args:
+        backbone: any classifier ``nn.Module`` mapping normalised images to ``num_classes`` logits.
+        num_classes: K (linked from the data module by the CLI).
+        objective: base objective, ``"trades"`` (default) or ``"pgd_at"``.
+        beta: TRADES weight of the KL term (default 6.0).
+        train_attack: threat model of the training attack (its objective follows ``objective``); an
+            ``AttackConfig`` or a dict of its fields.
+        eval_attack: threat model of the validation/test PGD attack (CE objective; default PGD-20).
+        fairness: fairness methods applied in order, e.g. ``[CSR(alpha=0.3)]``; empty = plain base.
+        optimizer: optimizer factory called with the parameters (default SGD).
+        scheduler: optional LR scheduler factory called with the optimizer (stepped per epoch).
+        input_mean: per-channel mean of the inputs (normalisation inside the model; linked from data).
+        input_std: per-channel std of the inputs (linked from data).
+        class_names: names used in logs and reports (linked from data).
+        eval_seed: seed of the evaluation attack's random start (same noise every epoch).
+    """
+
+    #: The metric that selects the best checkpoint, and its direction.
+    monitor = "val/robust_acc_worst"
+    mode = "max"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        objective: ObjectiveName = "trades",
+        beta: float = 6.0,
+        train_attack: AttackConfig = AttackConfig(),
+        eval_attack: AttackConfig = AttackConfig(steps=20),
+        fairness: list[FairnessMethod] | None = None,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: LRSchedulerCallable | None = None,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
+        class_names: list[str] | None = None,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r} is not accepted; it must be an integer >= 2.")
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module; got {type(backbone).__name__}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}.")
+        train_attack, eval_attack = _attack_config(train_attack), _attack_config(eval_attack)
+        via_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if via_cli else ["backbone", "fairness", "optimizer", "scheduler"])
+        # plain values only, so that checkpoints load with torch.load(weights_only=True)
+        for key, value in (("train_attack", train_attack), ("eval_attack", eval_attack)):
+            if key in self.hparams:
+                self.hparams[key] = asdict(value)
+
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        normalize: nn.Module = nn.Identity()
+        if input_mean is not None or input_std is not None:
+            if input_mean is None or input_std is None:
+                raise ValueError("give both input_mean and input_std, or neither.")
+            normalize = Normalize(input_mean, input_std)
+        self.net = nn.Sequential()
+        self.net.add_module("normalize", normalize)
+        self.net.add_module("backbone", backbone)
+
+        self.objective = build_objective(objective, train_attack, beta=beta)
+        self.train_attack = train_attack
+        self.eval_attack = eval_attack
+        self.fairness = nn.ModuleList(fairness or [])
+        for method in self.fairness:
+            if not isinstance(method, FairnessMethod):
+                raise TypeError(f"fairness entries must be FairnessMethod instances; got {type(method).__name__}.")
+            method.bind(num_classes)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.eval_seed = eval_seed
+        self.eval_metrics = nn.ModuleDict(
+            {f"{stage}_{kind}": RobustConfusionMatrix(num_classes) for stage in EVAL_STAGES for kind in ("clean", "robust")}
+        )
+        self.reports: dict[str, ClasswiseReport] = {}
+        self._eval_generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ model
+    @property
+    def backbone(self) -> nn.Module:
+        """The wrapped classifier (without the normalisation layer)."""
+        return self.net.backbone
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of images in [0, 1]."""
+        return self.net(x)
+
+    def check_logits(self, logits: Tensor) -> None:
+        """Raise a clear error when the backbone's output does not have ``num_classes`` logits."""
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the backbone returns outputs of shape {tuple(logits.shape)}, but num_classes={self.num_classes} "
+                f"(from the data); the backbone must return (batch, {self.num_classes}) logits: set its "
+                f"output size (e.g. its num_classes argument) to {self.num_classes}."
+            )
+
+    def setup(self, stage: str) -> None:
+        """Fail fast: check the backbone's output size on a dummy batch of the data's input shape."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        input_shape = getattr(datamodule, "input_shape", None)
+        if input_shape is not None:
+            with torch.no_grad(), eval_mode(self.net):
+                logits = self.net(torch.zeros(2, *input_shape, device=self.device))
+            self.check_logits(logits)
+
+    # --------------------------------------------------------------- training
+    def generate_adversarial(self, x: Tensor, target: Tensor) -> Tensor:
+        """The training attack (the base objective's), with per-sample budgets from fairness methods."""
+        eps: Tensor | None = None
+        step: Tensor | None = None
+        for method in self.fairness:
+            method_eps, method_step = method.attack_budget(target)
+            if method_eps is not None:
+                if eps is not None:
+                    raise ValueError("two fairness methods both set per-sample attack budgets; keep only one.")
+                eps, step = method_eps, method_step
+        return self.objective.attack(self.net, x, target, eps=eps, step=step)
+
+    def compute_objective(self, x: Tensor, x_adv: Tensor, target: Tensor) -> ObjectiveOutput:
+        """Per-sample terms of the base objective (train-mode forwards)."""
+        return self.objective(self.net, x, x_adv, target)
+
+    def compute_loss(self, output: ObjectiveOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss from the base terms and every fairness method's adjustment."""
+        return combine_terms(output, [method.loss_adjustment(output, target) for method in self.fairness])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, target = batch
+        x_adv = self.generate_adversarial(x, target)
+        output = self.compute_objective(x, x_adv, target)
+        self.check_logits(output.adv_logits)
+        loss, parts = self.compute_loss(output, target)
+        for method in self.fairness:
+            method.on_train_batch_end(output, target)
+        batch_size = target.shape[0]
+        robust_acc = (output.adv_logits.detach().argmax(dim=1) == target).float().mean()
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/robust_acc", robust_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def _train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """A fresh pass over this rank's training batches, on device, under the precision context."""
+        trainer = self.trainer
+        limit = trainer.num_training_batches
+        batches = itertools.islice(trainer.train_dataloader, None if math.isinf(limit) else int(limit))
+        with trainer.precision_plugin.forward_context():
+            for batch in batches:
+                x, target = trainer.strategy.batch_to_device(batch)
+                yield x, target
+
+    def on_train_epoch_start(self) -> None:
+        if not self.fairness:
+            return
+        context = EpochContext(
+            model=self.net, train_batches=self._train_batches, attack=self.train_attack, epoch=self.current_epoch
+        )
+        for method in self.fairness:
+            for name, value in method.on_train_epoch_start(context).items():
+                self.log(name, value.float(), on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": self.monitor}}
+
+    # ------------------------------------------------------------- evaluation
+    def evaluation_attack(self, x: Tensor, target: Tensor) -> Tensor:
+        """PGD (CE) with ``eval_attack``; seeded random start; works under inference mode."""
+        cfg = self.eval_attack
+        if self._eval_generator is None or self._eval_generator.device != x.device:
+            self._eval_generator = torch.Generator(device=x.device).manual_seed(self.eval_seed)
+        return pgd(
+            self.net, x, target, eps=cfg.eps, step=cfg.step, steps=cfg.steps, norm=cfg.norm, objective="ce",
+            random_start=cfg.random_start, generator=self._eval_generator,
+        )
+
+    def attack_description(self) -> str:
+        """E.g. ``PGD-20 linf eps=0.1000 step=0.0250``."""
+        cfg = self.eval_attack
+        return f"PGD-{cfg.steps} {cfg.norm} eps={cfg.eps:.4f} step={cfg.step:.4f}"
+
+    def _evaluate_batch(self, batch: Any, stage: str) -> None:
+        x, target = batch
+        clean_logits = self.net(x)
+        self.check_logits(clean_logits)
+        adv_logits = self.net(self.evaluation_attack(x, target))
+        self.eval_metrics[f"{stage}_clean"].update(clean_logits, target)
+        self.eval_metrics[f"{stage}_robust"].update(adv_logits, target)
+
+    def _start_evaluation(self) -> None:
+        self._eval_generator = None  # same attack noise every evaluation
+
+    def _finish_evaluation(self, stage: str) -> ClasswiseReport:
+        clean, robust = self.eval_metrics[f"{stage}_clean"], self.eval_metrics[f"{stage}_robust"]
+        clean_acc = clean.classwise_accuracy()  # collectives: every rank calls them
+        errors, counts = robust.synced_state()
+        clean.reset()
+        robust.reset()
+        report = ClasswiseReport.from_state(
+            stage, self.current_epoch, self.attack_description(), self.class_names, clean_acc, errors, counts
+        )
+        if self.trainer.sanity_checking:
+            return report
+        self.log_dict(report.scalars(), on_step=False, on_epoch=True)
+        if self.num_classes <= MAX_CLASSWISE_SCALARS:
+            self.log_dict(report.classwise_scalars(), on_step=False, on_epoch=True)
+        self._log_figures(report)
+        self.reports[stage] = report
+        return report
+
+    def _log_figures(self, report: ClasswiseReport) -> None:
+        if self.global_rank != 0:
+            return
+        loggers = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        from confspec_lightning.plotting import classwise_bars, confusion_heatmap
+
+        step = self.global_step
+        bars, _ = classwise_bars(
+            {"clean": report.clean_acc, "robust": report.robust_acc},
+            report.class_names,
+            title=f"{report.stage}: per-class accuracy (robust = {report.attack})",
+        )
+        heatmap, _ = confusion_heatmap(
+            torch.tensor(report.confusion),
+            report.class_names,
+            title=f"{report.stage}: robust confusion (error rates), ||C||_2 = {report.confusion_spectral_norm:.3f}",
+        )
+        for logger in loggers:
+            logger.experiment.add_figure(f"{report.stage}/classwise_accuracy", bars, step, close=False)
+            logger.experiment.add_figure(f"{report.stage}/robust_confusion", heatmap, step, close=False)
+        import matplotlib.pyplot as plt
+
+        plt.close(bars)
+        plt.close(heatmap)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate_batch(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate_batch(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Clean predictions and, where labels come with the batch, predictions under ``eval_attack``."""
+        x, target = batch if isinstance(batch, list | tuple) and len(batch) == 2 else (batch, None)
+        out = {"pred": self.net(x).argmax(dim=1)}
+        if target is not None:
+            out["target"] = target
+            out["adv_pred"] = self.net(self.evaluation_attack(x, target)).argmax(dim=1)
+        return out
+
+    # ------------------------------------------------------------ checkpoints
+    def _persistent_confusions(self) -> Iterator[tuple[str, RobustConfusionMatrix]]:
+        for name, module in self.fairness.named_modules(prefix="fairness"):
+            if isinstance(module, RobustConfusionMatrix) and module._persistent.get("errors", False):
+                yield name, module
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the confusion statistics of fairness methods summed over all ranks (runs on every rank).
+
+        Metric states are per rank; the checkpoint holds their global sum, and on loading only rank 0
+        keeps it (the others start from zero), so the synced sum is the same after a resume, whatever
+        the number of processes.
+        """
+        state = checkpoint["state_dict"]
+        for name, metric in self._persistent_confusions():
+            errors, counts = metric.synced_state()
+            state[f"{name}.errors"] = errors.detach().cpu()
+            state[f"{name}.class_counts"] = counts.detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is None or self.global_rank == 0:
+            return
+        state = checkpoint["state_dict"]
+        for name, _ in self._persistent_confusions():
+            for key in ("errors", "class_counts"):
+                if f"{name}.{key}" in state:
+                    state[f"{name}.{key}"] = torch.zeros_like(state[f"{name}.{key}"])
+
+    # ---------------------------------------------------------------- reports
+    def _publish(self, stage: str) -> None:
+        report = self.reports.get(stage)
+        if report is None or self.global_rank != 0:
+            return
+        print("\n" + report.format_table(), flush=True)
+        log_dir = self.trainer.log_dir
+        if log_dir is not None:
+            path = Path(log_dir) / f"classwise_{stage}.json"
+            report.write_json(path)
+            print(f"per-class results written to {path}", flush=True)
+
+    def on_fit_end(self) -> None:
+        self._publish("val")
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "validate":
+            self._publish("val")
+
+    def on_test_end(self) -> None:
+        self._publish("test")

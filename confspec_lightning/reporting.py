@@ -1,0 +1,149 @@
+"""Per-class evaluation reports: the numbers, a printable table and a JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from confspec_lightning import functional as CF
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename.
+
+    A crash mid-write leaves the previous file intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _nan_to_none(values: list[float]) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values]
+
+
+@dataclass
+class ClasswiseReport:
+    """Clean and robust accuracy of every class, and the robust confusion matrix of one split.
+
+    ``avg`` is the mean over classes (class-balanced accuracy), ``worst`` the minimum over classes,
+    ``spread`` = best - worst class. The confusion matrix holds per-true-class error rates, so its
+    column sums are the class-wise robust errors and ``confusion_spectral_norm`` = ||C||_2 is
+    comparable across splits of different sizes.
+    """
+
+    stage: str
+    epoch: int
+    attack: str
+    class_names: list[str]
+    clean_acc: list[float]
+    robust_acc: list[float]
+    class_counts: list[int]
+    confusion: list[list[float]]
+    confusion_spectral_norm: float
+
+    @classmethod
+    def from_state(
+        cls,
+        stage: str,
+        epoch: int,
+        attack: str,
+        class_names: list[str],
+        clean_acc: Tensor,
+        robust_errors: Tensor,
+        class_counts: Tensor,
+    ) -> ClasswiseReport:
+        """Build the report from synced metric state (clean per-class accuracy, robust error counts)."""
+        rates = CF.confusion_from_counts(robust_errors, class_counts, normalize=True)
+        return cls(
+            stage=stage,
+            epoch=epoch,
+            attack=attack,
+            class_names=list(class_names),
+            clean_acc=clean_acc.double().cpu().tolist(),
+            robust_acc=CF.classwise_accuracy(robust_errors, class_counts).cpu().tolist(),
+            class_counts=class_counts.cpu().tolist(),
+            confusion=rates.cpu().tolist(),
+            confusion_spectral_norm=float(CF.spectral_norm(rates)),
+        )
+
+    @staticmethod
+    def _summary(values: list[float]) -> tuple[float, float, float, int]:
+        t = torch.tensor(values, dtype=torch.float64)
+        present = ~t.isnan()
+        if not bool(present.any()):
+            return math.nan, math.nan, math.nan, -1
+        worst_index = int(torch.where(present, t, torch.inf).argmin())
+        best = float(t[present].max())
+        return float(t[present].mean()), float(t[worst_index]), best - float(t[worst_index]), worst_index
+
+    def scalars(self) -> dict[str, float]:
+        """Headline numbers, named ``<stage>/<metric>`` (the names logged to TensorBoard)."""
+        out: dict[str, float] = {}
+        for kind, values in (("clean_acc", self.clean_acc), ("robust_acc", self.robust_acc)):
+            avg, worst, spread, _ = self._summary(values)
+            out[f"{self.stage}/{kind}"] = avg
+            out[f"{self.stage}/{kind}_worst"] = worst
+            out[f"{self.stage}/{kind}_spread"] = spread
+        out[f"{self.stage}/confusion_spectral_norm"] = self.confusion_spectral_norm
+        return out
+
+    def classwise_scalars(self) -> dict[str, float]:
+        """Per-class accuracies named ``<stage>/<kind>_class/<name>``."""
+        out: dict[str, float] = {}
+        for kind, values in (("clean_acc", self.clean_acc), ("robust_acc", self.robust_acc)):
+            for name, value in zip(self.class_names, values, strict=True):
+                out[f"{self.stage}/{kind}_class/{name}"] = value
+        return out
+
+    def format_table(self) -> str:
+        """A plain-text per-class table with average, worst class, spread and ||C||_2."""
+        width = max([5, *(len(n) for n in self.class_names)])
+        lines = [
+            f"Per-class accuracy ({self.stage} split, epoch {self.epoch}; robust = {self.attack})",
+            f"{'class':<{width}}  {'n':>5}  {'clean %':>8}  {'robust %':>8}",
+        ]
+        for name, n, clean, robust in zip(
+            self.class_names, self.class_counts, self.clean_acc, self.robust_acc, strict=True
+        ):
+            lines.append(f"{name:<{width}}  {n:>5}  {100 * clean:>8.2f}  {100 * robust:>8.2f}")
+        c_avg, c_worst, c_spread, c_idx = self._summary(self.clean_acc)
+        r_avg, r_worst, r_spread, r_idx = self._summary(self.robust_acc)
+        lines += [
+            "-" * (width + 29),
+            f"{'avg':<{width}}  {'':>5}  {100 * c_avg:>8.2f}  {100 * r_avg:>8.2f}",
+            f"{'worst':<{width}}  {'':>5}  {100 * c_worst:>8.2f}  {100 * r_worst:>8.2f}"
+            f"   (clean: class {self.class_names[c_idx]}, robust: class {self.class_names[r_idx]})",
+            f"{'spread':<{width}}  {'':>5}  {100 * c_spread:>8.2f}  {100 * r_spread:>8.2f}",
+            f"||C||_2 of the robust confusion matrix (per-class error rates): {self.confusion_spectral_norm:.4f}",
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN accuracies of absent classes become null) with the headline scalars."""
+        data = asdict(self)
+        data["clean_acc"] = _nan_to_none(self.clean_acc)
+        data["robust_acc"] = _nan_to_none(self.robust_acc)
+        data["summary"] = {k.split("/", 1)[1]: (None if math.isnan(v) else v) for k, v in self.scalars().items()}
+        return data
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_dict` atomically."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from confspec_lightning.data.digits import DigitsDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def digits_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """64 real digits images (1, 8, 8) in [0, 1], stratified, with labels."""
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    x, y = dm.splits["train"].tensors
+    return x[:64].clone(), y[:64].clone()
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    from confspec_lightning.models import DigitsCNN, Normalize
+
+    return torch.nn.Sequential(Normalize([0.3053], [0.3760]), DigitsCNN(width=8))
+
+
+@pytest.fixture
+def chdir_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

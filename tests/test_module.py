@@ -1,0 +1,123 @@
+"""RobustFairLitModule with a real Lightning Trainer on real digits data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from confspec_lightning import CSR, AttackConfig
+from confspec_lightning import functional as CF
+from confspec_lightning.data import DigitsDataModule
+from confspec_lightning.models import DigitsCNN
+from helpers import CleanTrainingModule, DirectionRecorder, make_module, make_trainer
+
+
+@pytest.mark.parametrize("objective", ["trades", "pgd_at"])
+@pytest.mark.parametrize("source", ["epoch_pass", "streaming"])
+def test_fast_dev_run_fit_validate_test(objective, source):
+    module = make_module(objective=objective, fairness=[CSR(confusion_source=source)])
+    dm = DigitsDataModule(batch_size=32)
+    trainer = make_trainer(fast_dev_run=True)
+    trainer.fit(module, dm)
+    trainer.validate(module, dm)
+    trainer.test(module, dm)
+    report = module.reports["test"]
+    assert len(report.robust_acc) == 10
+    assert report.confusion_spectral_norm >= 0
+
+
+def test_no_fairness_methods_is_plain_trades():
+    module = make_module(fairness=[])
+    trainer = make_trainer(fast_dev_run=True)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert set(trainer.callback_metrics) >= {"train/loss_ce", "train/loss_kl"}
+    assert "train/loss_csr" not in trainer.callback_metrics
+
+
+def test_validation_attack_runs_under_inference_mode():
+    attack = AttackConfig(eps=0.3, step=0.1, steps=5)
+    module = make_module(cls=CleanTrainingModule, objective="pgd_at", fairness=[], eval_attack=attack)
+    dm = DigitsDataModule(batch_size=32)
+    make_trainer(max_epochs=3, limit_train_batches=None).fit(module, dm)
+    trainer = make_trainer(inference_mode=True, limit_val_batches=2)
+    trainer.validate(module, dm)
+    clean, robust = trainer.callback_metrics["val/clean_acc"], trainer.callback_metrics["val/robust_acc"]
+    assert clean > 0.3
+    assert robust < clean - 0.1, (clean, robust)
+
+
+def test_subclass_can_override_the_attack():
+    sub = make_module(cls=CleanTrainingModule)
+    before = CleanTrainingModule.calls
+    make_trainer(fast_dev_run=True).fit(sub, DigitsDataModule(batch_size=32))
+    assert CleanTrainingModule.calls == before + 1
+
+
+def test_epoch_pass_sets_direction_each_epoch():
+    recorder = DirectionRecorder()
+    module = make_module(fairness=[CSR(confusion_source="epoch_pass")])
+    make_trainer(max_epochs=2, callbacks=[recorder]).fit(module, DigitsDataModule(batch_size=32))
+    for epoch in (0, 1):
+        g = recorder.directions[epoch]
+        assert not torch.equal(g, torch.ones(10, 10))
+        assert g.min().item() == pytest.approx(0.01, abs=1e-6) and g.max().item() == pytest.approx(2.01, abs=1e-6)
+    assert not torch.equal(recorder.directions[0], recorder.directions[1])
+
+
+def test_streaming_uses_ones_then_last_epochs_confusion():
+    recorder = DirectionRecorder()
+    module = make_module(fairness=[CSR(confusion_source="streaming")])
+    make_trainer(max_epochs=2, callbacks=[recorder]).fit(module, DigitsDataModule(batch_size=32))
+    torch.testing.assert_close(recorder.directions[0], torch.ones(10, 10))
+    assert not torch.equal(recorder.directions[1], torch.ones(10, 10))
+
+
+def test_backbone_output_size_mismatch_fails_before_training():
+    module = make_module(backbone=DigitsCNN(num_classes=7, width=8))
+    trainer = make_trainer(fast_dev_run=True)
+    with pytest.raises(ValueError, match=r"shape \(2, 7\).*num_classes=10"):
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: make_module(objective="mart"), r"objective='mart'.*'trades', 'pgd_at'"),
+        (lambda: make_module(beta=-1.0), r"beta=-1.0"),
+        (lambda: make_module(num_classes=1), r"num_classes=1"),
+        (lambda: make_module(class_names=["a"]), r"class_names has 1 entries"),
+        (lambda: CSR(alpha=1.5), r"csr.alpha=1.5.*\[0, 1\]"),
+        (lambda: CSR(alpha=-0.1), r"csr.alpha=-0.1"),
+        (lambda: CSR(gamma=1.0), r"csr.gamma=1.0"),
+        (lambda: CSR(margin="multiplicative"), r"csr.margin='multiplicative'.*'relative', 'additive'"),
+        (lambda: CSR(confusion_source="online"), r"csr.confusion_source='online'.*'epoch_pass', 'streaming'"),
+        (lambda: DigitsDataModule(batch_size=0), r"data.batch_size=0"),
+        (lambda: DigitsDataModule(val_fraction=1.2), r"data.val_fraction=1.2"),
+    ],
+)
+def test_bad_input_names_value_and_accepted(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_checkpoint_carries_direction_and_confusion_and_resumes(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = DigitsDataModule(batch_size=32)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    module = make_module(fairness=[CSR(confusion_source="streaming")])
+    make_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(module, dm)
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    errors, counts = state["fairness.0.confusion.errors"], state["fairness.0.confusion.class_counts"]
+    assert counts.sum() == 3 * 32  # epoch 1's stream, still to be turned into G
+    torch.testing.assert_close(state["fairness.0.direction"], module.fairness[0].direction)
+
+    recorder = DirectionRecorder()
+    resumed = make_module(fairness=[CSR(confusion_source="streaming")])
+    trainer = make_trainer(max_epochs=3, callbacks=[recorder])
+    trainer.fit(resumed, dm, ckpt_path=tmp_path / "last.ckpt")
+    assert list(recorder.directions) == [2]
+    expected = CF.spectral_direction(CF.confusion_from_counts(errors, counts)).float()
+    torch.testing.assert_close(recorder.directions[2], expected)
