@@ -6,9 +6,17 @@ without a Trainer; :class:`RobustFairLitModule` wires it into Lightning and ``co
 
 __version__ = "0.1.0"
 
-from confspec_lightning.attacks import AttackConfig, pgd  # noqa: E402
-from confspec_lightning.fairness import CSR, FairnessMethod  # noqa: E402
-from confspec_lightning.metrics import RobustConfusionMatrix  # noqa: E402
-from confspec_lightning.module import RobustFairLitModule  # noqa: E402
+from confspec_lightning.attacks import AttackConfig, pgd
+from confspec_lightning.fairness import CSR, FairnessMethod
+from confspec_lightning.metrics import RobustConfusionMatrix
+from confspec_lightning.module import RobustFairLitModule
 
-__all__ = ["CSR", "AttackConfig", "FairnessMethod", "RobustConfusionMatrix", "RobustFairLitModule", "__version__", "pgd"]
+__all__ = [
+    "CSR",
+    "AttackConfig",
+    "FairnessMethod",
+    "RobustConfusionMatrix",
+    "RobustFairLitModule",
+    "__version__",
+    "pgd",
+]

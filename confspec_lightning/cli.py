@@ -6,8 +6,8 @@
 * model and data in subclass mode (``class_path``), so user subclasses plug in from a config;
 * ``data.num_classes``, ``data.class_names``, ``data.mean`` and ``data.std`` are linked into the model,
   so the class count and the normalisation are given once;
-* a ``checkpoint`` section configures the ModelCheckpoint (best = highest worst-class robust
-  accuracy on validation, plus ``last.ckpt``);
+* a ``checkpoint`` section configures the best checkpoint (highest worst-class robust accuracy on
+  validation) and ``last_checkpoint`` the ``last.ckpt`` written after every epoch (for resuming);
 * ``--ckpt_path best|last`` in a new process resolves to the newest run of the same logger
   directory, so ``test`` after ``fit`` works as written above;
 * the parsed config is saved with every run next to its TensorBoard logs.
@@ -38,7 +38,11 @@ def _checkpoint_from_previous_run(trainer: Trainer, which: str) -> str | None:
             return str(last)
         state = torch.load(last, map_location="cpu", weights_only=True)
         for key, callback_state in state.get("callbacks", {}).items():
-            if key.startswith("ModelCheckpoint") and callback_state.get("best_model_path"):
+            if (
+                key.startswith("ModelCheckpoint")
+                and callback_state.get("monitor")
+                and callback_state.get("best_model_path")
+            ):
                 best = Path(callback_state["best_model_path"])
                 if best.is_file():
                     return str(best)
@@ -49,15 +53,21 @@ class ConfspecCLI(LightningCLI):
     """LightningCLI with the links and defaults of confspec-lightning."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Two checkpoint callbacks: the best one by worst-class robust accuracy, and last.ckpt after every
+        # epoch (Lightning >= 2.6 refreshes a save_last=True checkpoint only when a top-k one was written).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": RobustFairLitModule.monitor,
                 "checkpoint.mode": RobustFairLitModule.mode,
-                "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "best-epoch{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
             }
         )
         for name in ("num_classes", "class_names"):
@@ -107,7 +117,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
                 "init_args": {"save_dir": "runs", "name": "default"},
             },
         },
-        parser_kwargs={"version": f"confspec-lightning {__version__}", "description": __doc__.split("\n\n")[0]},
+        parser_kwargs={"version": __version__, "description": __doc__.split("\n\n")[0]},
         auto_configure_optimizers=False,
         args=args,
         run=run,

@@ -53,9 +53,7 @@ def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
 
 def _check_inputs(logits: Tensor, target: Tensor, num_classes: int) -> None:
     if logits.ndim != 2 or logits.shape[1] != num_classes:
-        raise ValueError(
-            f"logits must have shape (batch, num_classes={num_classes}); got {tuple(logits.shape)}."
-        )
+        raise ValueError(f"logits must have shape (batch, num_classes={num_classes}); got {tuple(logits.shape)}.")
     if target.shape != logits.shape[:1]:
         raise ValueError(f"target must have shape ({logits.shape[0]},); got {tuple(target.shape)}.")
 

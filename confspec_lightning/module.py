@@ -125,7 +125,11 @@ class RobustFairLitModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.eval_seed = eval_seed
         self.eval_metrics = nn.ModuleDict(
-            {f"{stage}_{kind}": RobustConfusionMatrix(num_classes) for stage in EVAL_STAGES for kind in ("clean", "robust")}
+            {
+                f"{stage}_{kind}": RobustConfusionMatrix(num_classes)
+                for stage in EVAL_STAGES
+                for kind in ("clean", "robust")
+            }
         )
         self.reports: dict[str, ClasswiseReport] = {}
         self._eval_generator: torch.Generator | None = None
@@ -189,9 +193,10 @@ class RobustFairLitModule(pl.LightningModule):
             method.on_train_batch_end(output, target)
         batch_size = target.shape[0]
         robust_acc = (output.adv_logits.detach().argmax(dim=1) == target).float().mean()
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
-        self.log("train/robust_acc", robust_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, on_step=False, on_epoch=True, batch_size=batch_size)
+        # step values stay local (no per-step collective); epoch values are averaged over ranks once
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        epoch_values = {"train/robust_acc": robust_acc, **{f"train/loss_{k}": v for k, v in parts.items()}}
+        self.log_dict(epoch_values, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
         return loss
 
     def _train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -212,14 +217,17 @@ class RobustFairLitModule(pl.LightningModule):
         )
         for method in self.fairness:
             for name, value in method.on_train_epoch_start(context).items():
-                self.log(name, value.float(), on_step=False, on_epoch=True)
+                self.log(name, value.float(), on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": self.monitor}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": self.monitor},
+        }
 
     # ------------------------------------------------------------- evaluation
     def evaluation_attack(self, x: Tensor, target: Tensor) -> Tensor:
@@ -228,8 +236,16 @@ class RobustFairLitModule(pl.LightningModule):
         if self._eval_generator is None or self._eval_generator.device != x.device:
             self._eval_generator = torch.Generator(device=x.device).manual_seed(self.eval_seed)
         return pgd(
-            self.net, x, target, eps=cfg.eps, step=cfg.step, steps=cfg.steps, norm=cfg.norm, objective="ce",
-            random_start=cfg.random_start, generator=self._eval_generator,
+            self.net,
+            x,
+            target,
+            eps=cfg.eps,
+            step=cfg.step,
+            steps=cfg.steps,
+            norm=cfg.norm,
+            objective="ce",
+            random_start=cfg.random_start,
+            generator=self._eval_generator,
         )
 
     def attack_description(self) -> str:
@@ -259,9 +275,10 @@ class RobustFairLitModule(pl.LightningModule):
         )
         if self.trainer.sanity_checking:
             return report
-        self.log_dict(report.scalars(), on_step=False, on_epoch=True)
+        # values are already global (synced metric state): sync_dist only averages equal numbers
+        self.log_dict(report.scalars(), on_step=False, on_epoch=True, sync_dist=True)
         if self.num_classes <= MAX_CLASSWISE_SCALARS:
-            self.log_dict(report.classwise_scalars(), on_step=False, on_epoch=True)
+            self.log_dict(report.classwise_scalars(), on_step=False, on_epoch=True, sync_dist=True)
         self._log_figures(report)
         self.reports[stage] = report
         return report
@@ -350,11 +367,11 @@ class RobustFairLitModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- reports
     def _publish(self, stage: str) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         report = self.reports.get(stage)
         if report is None or self.global_rank != 0:
             return
         print("\n" + report.format_table(), flush=True)
-        log_dir = self.trainer.log_dir
         if log_dir is not None:
             path = Path(log_dir) / f"classwise_{stage}.json"
             report.write_json(path)

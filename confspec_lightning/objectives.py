@@ -84,7 +84,9 @@ def combine_terms(
     for adjustment in adjustments:
         for role, weight in adjustment.term_weights.items():
             if role not in weights:
-                raise KeyError(f"a fairness method weights the term {role!r}, but the objective has only {sorted(weights)}.")
+                raise KeyError(
+                    f"a fairness method weights the term {role!r}, but the objective has only {sorted(weights)}."
+                )
             weights[role] = weights[role] * weight
         for name, term in adjustment.extra_terms.items():
             extras[name] = extras[name] + term if name in extras else term
@@ -185,4 +187,3 @@ def build_objective(name: ObjectiveName, attack: AttackConfig, beta: float = 6.0
     if name == "trades":
         return TRADESObjective(attack, beta=beta)
     return PGDATObjective(attack)
-

@@ -56,7 +56,9 @@ def classwise_bars(
 ) -> tuple[Any, Any]:
     """Grouped bar chart of per-class values, one group per class and one bar per series."""
     plt = _pyplot()
-    values = {name: np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v, dtype=float) for name, v in series.items()}
+    values = {
+        name: np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v, dtype=float) for name, v in series.items()
+    }
     k = len(next(iter(values.values())))
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     width = 0.8 / max(len(values), 1)

@@ -44,7 +44,9 @@ def test_per_sample_eps(tiny_model, digits_batch):
 
 def test_no_parameter_grads_and_modes_restored(digits_batch):
     x, y = digits_batch
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.LazyLinear(10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.LazyLinear(10)
+    )
     model(x)  # materialise the lazy layer
     model.train()
     model[1].eval()  # a frozen BatchNorm stays frozen

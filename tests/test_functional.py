@@ -85,7 +85,9 @@ def test_spectral_direction_matches_power_iteration():
 def test_spectral_direction_rescale_hand_case():
     # C = [[0, 2], [0, 0]]: u1 = e0, v1 = e1, G = [[0, 1], [0, 0]] -> rescaled [[0.01, 2.01], [0.01, 0.01]]
     c = torch.tensor([[0.0, 2.0], [0.0, 0.0]])
-    torch.testing.assert_close(CF.spectral_direction(c, rescale=False), torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        CF.spectral_direction(c, rescale=False), torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    )
     torch.testing.assert_close(
         CF.spectral_direction(c), torch.tensor([[0.01, 2.01], [0.01, 0.01]], dtype=torch.float64)
     )
@@ -108,7 +110,9 @@ def test_csr_weights_with_and_without_diagonal():
     target = torch.tensor([0, 1, 2, 2])
     adv = logits_for([0, 0, 1, 2], 3)  # correct, 1->0, 2->1, correct
     torch.testing.assert_close(CF.csr_weights(g, adv, target), torch.tensor([0.5, 2.0, 1.5, 0.2]))
-    torch.testing.assert_close(CF.csr_weights(g, adv, target, include_diagonal=False), torch.tensor([0.0, 2.0, 1.5, 0.0]))
+    torch.testing.assert_close(
+        CF.csr_weights(g, adv, target, include_diagonal=False), torch.tensor([0.0, 2.0, 1.5, 0.0])
+    )
 
 
 def test_spectral_norm_and_classwise_error():
@@ -151,7 +155,9 @@ def test_trades_csr_loss_equals_formula():
     loss, parts = combine_terms(out, [adj])
     ce = torch.nn.functional.cross_entropy(clean, y)
     kl = torch.nn.functional.kl_div(adv.log_softmax(1), clean.log_softmax(1), reduction="batchmean", log_target=True)
-    manual = (1 - alpha) * ce + 6.0 * kl + alpha * (w * torch.nn.functional.cross_entropy(adv, y, reduction="none")).mean()
+    manual = (
+        (1 - alpha) * ce + 6.0 * kl + alpha * (w * torch.nn.functional.cross_entropy(adv, y, reduction="none")).mean()
+    )
     torch.testing.assert_close(loss, manual)
     assert set(parts) == {"ce", "kl", "csr"}
     # methods stack by multiplying weights

@@ -49,9 +49,9 @@ def test_metric_plot_returns_a_figure():
 def test_bad_arguments_are_named():
     import pytest
 
-    with pytest.raises(ValueError, match="num_classes=1"):
+    with pytest.raises(ValueError, match=r"num_classes=1"):
         RobustConfusionMatrix(1)
-    with pytest.raises(ValueError, match="gamma=1.5"):
+    with pytest.raises(ValueError, match=r"gamma=1\.5"):
         RobustConfusionMatrix(3, gamma=1.5)
     with pytest.raises(ValueError, match=r"shape \(batch, num_classes=3\)"):
         RobustConfusionMatrix(3).update(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))

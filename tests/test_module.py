@@ -9,6 +9,7 @@ from confspec_lightning import CSR, AttackConfig
 from confspec_lightning import functional as CF
 from confspec_lightning.data import DigitsDataModule
 from confspec_lightning.models import DigitsCNN
+
 from helpers import CleanTrainingModule, DirectionRecorder, make_module, make_trainer
 
 

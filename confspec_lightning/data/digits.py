@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 # Per-channel statistics of all 1797 images scaled to [0, 1] (pixel values / 16).
 DIGITS_MEAN = 0.3053
@@ -15,6 +17,21 @@ DIGITS_STD = 0.3760
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= 1.")
+
+
+def _distributed_sampler(datamodule: pl.LightningDataModule) -> DistributedSampler | None:
+    """Under DDP, a DistributedSampler that honours ``shuffle`` (Lightning's own always shuffles).
+
+    With ``shuffle=False`` rank r takes samples r, r + W, r + 2W, ...: per-rank batch B / W then holds
+    exactly the samples of a single-process batch B, which makes DDP runs comparable to one process.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return DistributedSampler(
+        datamodule.splits["train"], shuffle=datamodule.hparams.shuffle, seed=datamodule.hparams.seed
+    )
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -30,11 +47,11 @@ class DigitsDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers (0 is fastest for this in-memory data).
     """
 
-    num_classes = 10
-    class_names = [str(d) for d in range(10)]
-    mean = [DIGITS_MEAN]
-    std = [DIGITS_STD]
-    input_shape = (1, 8, 8)
+    num_classes: ClassVar[int] = 10
+    class_names: ClassVar[list[str]] = [str(d) for d in range(10)]
+    mean: ClassVar[list[float]] = [DIGITS_MEAN]
+    std: ClassVar[list[float]] = [DIGITS_STD]
+    input_shape: ClassVar[tuple[int, ...]] = (1, 8, 8)
 
     def __init__(
         self,
@@ -87,19 +104,20 @@ class DigitsDataModule(pl.LightningDataModule):
             idx = np.sort(idx)
             self.splits[name] = TensorDataset(torch.from_numpy(images[idx]), torch.from_numpy(labels[idx]))
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         if not self.splits:
             self.setup()
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
+        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle, _distributed_sampler(self))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.hparams.eval_batch_size, False)

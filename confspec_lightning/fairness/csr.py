@@ -97,7 +97,8 @@ class CSR(FairnessMethod):
             return {}
         confusion = CF.confusion_from_counts(errors, counts, normalize=self.normalize)
         self.direction.copy_(CF.spectral_direction(confusion, rescale=self.rescale))
-        self.confusion.reset()
+        if self.confusion_source == "streaming":
+            self.confusion.reset()  # start this epoch's stream; epoch_pass keeps the C that made G
         rates = CF.confusion_from_counts(errors, counts, normalize=True)
         return {
             "csr/train_confusion_spectral_norm": CF.spectral_norm(rates),
@@ -108,8 +109,15 @@ class CSR(FairnessMethod):
     def _attacked_logits(context: EpochContext, x: Tensor, y: Tensor) -> Tensor:
         cfg = context.attack
         x_adv = pgd(
-            context.model, x, y, eps=cfg.eps, step=cfg.step, steps=cfg.steps, norm=cfg.norm,
-            objective="ce", random_start=cfg.random_start,
+            context.model,
+            x,
+            y,
+            eps=cfg.eps,
+            step=cfg.step,
+            steps=cfg.steps,
+            norm=cfg.norm,
+            objective="ce",
+            random_start=cfg.random_start,
         )
         with eval_mode(context.model):
             return context.model(x_adv).detach()

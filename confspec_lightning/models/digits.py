@@ -1,5 +1,8 @@
-"""A small CNN for the 8x8 digits data set (no BatchNorm: per-rank statistics would break the
-exact DDP-vs-single-process equivalence the tests check)."""
+"""A small CNN for the 8x8 digits data set.
+
+No BatchNorm: per-rank batch statistics would break the exact DDP-vs-single-process equivalence
+the tests check.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,110 @@
+"""The confspec CLI, run in-process on every shipped config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from confspec_lightning import __version__
+from confspec_lightning.cli import build_cli
+
+from conftest import CONFIGS, ROOT
+
+QUICK = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--model.init_args.train_attack.steps=2",
+    "--model.init_args.eval_attack.steps=2",
+]
+
+
+def test_configs_are_shipped():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    assert {"digits/trades.yaml", "digits/trades_csr.yaml", "digits/pgdat_csr.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_every_config_fast_dev_run(config, chdir_tmp):
+    cli = build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *QUICK])
+    module, dm = cli.model, cli.datamodule
+    assert module.num_classes == dm.num_classes  # linked, given once
+    assert module.class_names == dm.class_names
+    assert cli.trainer.state.finished
+    assert "val" in module.reports
+
+
+def test_version_and_print_config(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(ROOT / "configs/digits/trades_csr.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["fairness"][0]["init_args"]["confusion_source"] == "epoch_pass"
+
+
+def test_fit_then_test_with_ckpt_path_best(chdir_tmp, capsys):
+    cfg = str(ROOT / "configs/digits/trades_csr.yaml")
+    short = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", *QUICK]
+    build_cli(["fit", "--config", cfg, *short])
+    run_dir = chdir_tmp / "runs/digits_trades_csr/version_0"
+    assert (run_dir / "config.yaml").is_file()  # config saved with the run
+    assert list(run_dir.glob("events.out.tfevents.*"))  # real TensorBoard event file
+    assert (run_dir / "checkpoints/last.ckpt").is_file()
+    fit_out = capsys.readouterr().out
+    assert "Per-class accuracy (val split, epoch 1" in fit_out and "||C||_2" in fit_out
+
+    build_cli(["test", "--config", cfg, "--ckpt_path", "best", *QUICK])
+    out = capsys.readouterr().out
+    assert "-> " in out and "best-epoch" in out
+    assert "Per-class accuracy (test split" in out
+    results = json.loads((chdir_tmp / "runs/digits_trades_csr/version_1/classwise_test.json").read_text())
+    assert len(results["robust_acc"]) == 10 and sum(results["class_counts"]) == 360
+    assert set(results["summary"]) >= {"robust_acc_worst", "clean_acc", "confusion_spectral_norm"}
+    # the best checkpoint loads safely (no pickled code) and carries G and the confusion state
+    best = next((chdir_tmp / "runs/digits_trades_csr/version_0/checkpoints").glob("best-*.ckpt"))
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert {"fairness.0.direction", "fairness.0.confusion.errors", "fairness.0.confusion.class_counts"} <= set(state)
+
+
+def test_ckpt_path_best_without_a_previous_run_is_a_clear_error(chdir_tmp):
+    with pytest.raises(FileNotFoundError, match="no earlier run with checkpoints"):
+        build_cli(["test", "--config", str(ROOT / "configs/digits/trades.yaml"), "--ckpt_path", "best", *QUICK])
+
+
+def _edited_config(tmp, edit) -> str:
+    config = yaml.safe_load((ROOT / "configs/digits/trades_csr.yaml").read_text())
+    edit(config["model"]["init_args"])
+    path = tmp / "edited.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _set_csr(key, value):
+    return lambda model: model["fairness"][0]["init_args"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "edit,needles",
+    [
+        (lambda m: m.__setitem__("objective", "mart"), ["mart", "'trades', 'pgd_at'"]),
+        (lambda m: m["train_attack"].__setitem__("eps", -0.1), ["attack.eps=-0.1 is not accepted", "> 0"]),
+        (lambda m: m["eval_attack"].__setitem__("steps", 0), ["attack.steps=0 is not accepted", ">= 1"]),
+        (lambda m: m["train_attack"].__setitem__("norm", "l1"), ["l1", "linf", "l2"]),
+        (_set_csr("alpha", 2.0), ["csr.alpha=2.0 is not accepted", "[0, 1]"]),
+        (_set_csr("margin", "bogus"), ["bogus", "'relative', 'additive'"]),
+        (_set_csr("confusion_source", "online"), ["online", "'epoch_pass', 'streaming'"]),
+    ],
+)
+def test_bad_config_values_fail_before_training(edit, needles, chdir_tmp, capsys):
+    cfg = _edited_config(chdir_tmp, edit)
+    with pytest.raises((SystemExit, ValueError)) as exc:
+        build_cli(["fit", "--config", cfg, "--trainer.fast_dev_run=1"])
+    message = str(exc.value) + capsys.readouterr().err
+    for needle in needles:
+        assert needle in message, message
+    assert not (chdir_tmp / "runs").exists()

@@ -1,0 +1,74 @@
+"""Real DDP (2 CPU processes, gloo) against one process on the same data: identical CSR state and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
+
+def run_fit(save_dir, processes: int, source: str) -> tuple[dict, dict]:
+    global_batch = 32
+    args = [
+        sys.executable,
+        "-m",
+        "confspec_lightning",
+        "fit",
+        "--config",
+        str(ROOT / "configs/digits/pgdat_csr.yaml"),
+        "--trainer.accelerator=cpu",
+        f"--trainer.devices={processes}",
+        f"--trainer.strategy={'ddp' if processes > 1 else 'auto'}",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=4",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--data.init_args.shuffle=false",
+        f"--data.init_args.batch_size={global_batch // processes}",
+        "--model.init_args.train_attack.steps=3",
+        "--model.init_args.train_attack.random_start=false",
+        "--model.init_args.eval_attack.steps=3",
+        "--model.init_args.eval_attack.random_start=false",
+    ]
+    config = save_dir / "csr.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        "model:\n  init_args:\n    fairness:\n      - class_path: confspec_lightning.fairness.CSR\n"
+        f"        init_args: {{confusion_source: {source}}}\n"
+    )
+    args += ["--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, cwd=save_dir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = save_dir / "digits_pgdat_csr/version_0"
+    state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    report = json.loads((run_dir / "classwise_val.json").read_text())
+    return state, report
+
+
+@pytest.mark.parametrize("source", ["streaming", "epoch_pass"])
+def test_ddp_two_processes_equal_one_process(tmp_path, source):
+    single_state, single_report = run_fit(tmp_path / "single", 1, source)
+    ddp_state, ddp_report = run_fit(tmp_path / "ddp", 2, source)
+    # the accumulated confusion matrix: summed over ranks = the single process's
+    for key in ("fairness.0.confusion.errors", "fairness.0.confusion.class_counts"):
+        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=0, atol=0)
+    assert single_state["fairness.0.confusion.class_counts"].sum() == 4 * 32
+    # the spectral direction G
+    g_single, g_ddp = single_state["fairness.0.direction"], ddp_state["fairness.0.direction"]
+    assert not torch.equal(g_single, torch.ones_like(g_single))
+    torch.testing.assert_close(g_ddp, g_single, rtol=1e-5, atol=1e-6)
+    # the logged per-class metrics (validation split, synchronised over ranks)
+    assert sum(ddp_report["class_counts"]) == sum(single_report["class_counts"]) == 270
+    for key in ("class_counts", "clean_acc", "robust_acc", "confusion"):
+        torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
+    assert ddp_report["confusion_spectral_norm"] == pytest.approx(single_report["confusion_spectral_norm"])
