@@ -68,6 +68,31 @@ class AttackConfig:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"attack.steps={self.steps!r} is not accepted; it must be an integer >= 1.")
 
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        target: Tensor,
+        objective: AttackObjective = "ce",
+        *,
+        eps: float | Tensor | None = None,
+        step: float | Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """:func:`pgd` with this threat model; ``eps``/``step`` (e.g. per-sample tensors) override it."""
+        return pgd(
+            model,
+            x,
+            target,
+            eps=self.eps if eps is None else eps,
+            step=self.step if step is None else step,
+            steps=self.steps,
+            norm=self.norm,
+            objective=objective,
+            random_start=self.random_start,
+            generator=generator,
+        )
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:

@@ -8,8 +8,9 @@
   so the class count and the normalisation are given once;
 * a ``checkpoint`` section configures the best checkpoint (highest worst-class robust accuracy on
   validation) and ``last_checkpoint`` the ``last.ckpt`` written after every epoch (for resuming);
-* ``--ckpt_path best|last`` in a new process resolves to the newest run of the same logger
-  directory, so ``test`` after ``fit`` works as written above;
+* ``--ckpt_path best|last`` in a new process resolves to the newest earlier run of the same logger
+  directory, so ``test`` after ``fit`` works as written above and ``fit --ckpt_path last`` resumes
+  (the resumed run logs into a new ``version_N`` directory);
 * the parsed config is saved with every run next to its TensorBoard logs.
 """
 
@@ -91,6 +92,9 @@ class ConfspecCLI(LightningCLI):
             )
         print(f"--ckpt_path {which} -> {path}", flush=True)
         config["ckpt_path"] = path
+
+    def before_fit(self) -> None:
+        self._resolve_ckpt_path()
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path()

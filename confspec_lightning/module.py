@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, eval_mode, pgd
+from confspec_lightning.attacks import AttackConfig, eval_mode
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models.normalize import Normalize
@@ -114,7 +114,6 @@ class RobustFairLitModule(pl.LightningModule):
         self.net.add_module("backbone", backbone)
 
         self.objective = build_objective(objective, train_attack, beta=beta)
-        self.train_attack = train_attack
         self.eval_attack = eval_attack
         self.fairness = nn.ModuleList(fairness or [])
         for method in self.fairness:
@@ -213,7 +212,10 @@ class RobustFairLitModule(pl.LightningModule):
         if not self.fairness:
             return
         context = EpochContext(
-            model=self.net, train_batches=self._train_batches, attack=self.train_attack, epoch=self.current_epoch
+            model=self.net,
+            train_batches=self._train_batches,
+            attack=self.objective.attack_config,
+            epoch=self.current_epoch,
         )
         for method in self.fairness:
             for name, value in method.on_train_epoch_start(context).items():
@@ -232,21 +234,9 @@ class RobustFairLitModule(pl.LightningModule):
     # ------------------------------------------------------------- evaluation
     def evaluation_attack(self, x: Tensor, target: Tensor) -> Tensor:
         """PGD (CE) with ``eval_attack``; seeded random start; works under inference mode."""
-        cfg = self.eval_attack
         if self._eval_generator is None or self._eval_generator.device != x.device:
             self._eval_generator = torch.Generator(device=x.device).manual_seed(self.eval_seed)
-        return pgd(
-            self.net,
-            x,
-            target,
-            eps=cfg.eps,
-            step=cfg.step,
-            steps=cfg.steps,
-            norm=cfg.norm,
-            objective="ce",
-            random_start=cfg.random_start,
-            generator=self._eval_generator,
-        )
+        return self.eval_attack.perturb(self.net, x, target, "ce", generator=self._eval_generator)
 
     def attack_description(self) -> str:
         """E.g. ``PGD-20 linf eps=0.1000 step=0.0250``."""

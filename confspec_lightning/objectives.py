@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, AttackObjective, check_choice, pgd
+from confspec_lightning.attacks import AttackConfig, AttackObjective, check_choice
 
 ObjectiveName = Literal["trades", "pgd_at"]
 OBJECTIVES: tuple[str, ...] = ("trades", "pgd_at")
@@ -124,18 +124,7 @@ class BaseObjective:
         step: Tensor | float | None = None,
     ) -> Tensor:
         """Adversarial batch for training (eps/step override the config, e.g. per sample)."""
-        cfg = self.attack_config
-        return pgd(
-            model,
-            x,
-            target,
-            eps=cfg.eps if eps is None else eps,
-            step=cfg.step if step is None else step,
-            steps=cfg.steps,
-            norm=cfg.norm,
-            objective=self.attack_objective,
-            random_start=cfg.random_start,
-        )
+        return self.attack_config.perturb(model, x, target, self.attack_objective, eps=eps, step=step)
 
     def __call__(self, model: nn.Module, x: Tensor, x_adv: Tensor, target: Tensor) -> ObjectiveOutput:
         """Per-sample loss terms of the batch (forwards in the model's current mode)."""

@@ -108,3 +108,12 @@ def test_bad_config_values_fail_before_training(edit, needles, chdir_tmp, capsys
     for needle in needles:
         assert needle in message, message
     assert not (chdir_tmp / "runs").exists()
+
+
+def test_predict_returns_clean_and_adversarial_predictions(chdir_tmp):
+    cfg = str(ROOT / "configs/digits/pgdat_csr.yaml")
+    cli = build_cli(["--config", cfg, "--trainer.fast_dev_run=1", *QUICK], run=False)
+    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    first = predictions[0]
+    assert set(first) == {"pred", "adv_pred", "target"}
+    assert first["pred"].shape == first["adv_pred"].shape == first["target"].shape

@@ -27,6 +27,15 @@ def test_fast_dev_run_fit_validate_test(objective, source):
     assert report.confusion_spectral_norm >= 0
 
 
+def test_bf16_mixed_precision_trains_and_attacks():
+    module = make_module(fairness=[CSR(confusion_source="epoch_pass")])
+    trainer = make_trainer(fast_dev_run=True, precision="bf16-mixed")
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    g = module.fairness[0].direction
+    assert g.dtype == torch.float32 and not torch.equal(g, torch.ones_like(g))
+
+
 def test_no_fairness_methods_is_plain_trades():
     module = make_module(fairness=[])
     trainer = make_trainer(fast_dev_run=True)

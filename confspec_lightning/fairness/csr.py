@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import check_choice, eval_mode, pgd
+from confspec_lightning.attacks import check_choice, eval_mode
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.functional import MARGINS, Margin
 from confspec_lightning.metrics import RobustConfusionMatrix
@@ -107,18 +107,7 @@ class CSR(FairnessMethod):
 
     @staticmethod
     def _attacked_logits(context: EpochContext, x: Tensor, y: Tensor) -> Tensor:
-        cfg = context.attack
-        x_adv = pgd(
-            context.model,
-            x,
-            y,
-            eps=cfg.eps,
-            step=cfg.step,
-            steps=cfg.steps,
-            norm=cfg.norm,
-            objective="ce",
-            random_start=cfg.random_start,
-        )
+        x_adv = context.attack.perturb(context.model, x, y, "ce")
         with eval_mode(context.model):
             return context.model(x_adv).detach()
 
