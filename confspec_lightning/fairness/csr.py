@@ -108,8 +108,10 @@ class CSR(FairnessMethod):
     @staticmethod
     def _attacked_logits(context: EpochContext, x: Tensor, y: Tensor) -> Tensor:
         x_adv = context.attack.perturb(context.model, x, y, "ce")
-        with eval_mode(context.model):
-            return context.model(x_adv).detach()
+        # no graph needed; safe under autocast: this pass has its own autocast context, so the cast-weight
+        # cache it fills is dropped before the training step's forwards
+        with torch.no_grad(), eval_mode(context.model):
+            return context.model(x_adv)
 
     def loss_adjustment(self, output: ObjectiveOutput, target: Tensor) -> LossAdjustment:
         """(1 - alpha) on the ce term, plus alpha (1/B) sum_k w_k CE(f(x_adv_k), y_k)."""
