@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import ClassVar
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+from torch import Tensor
+
+from confspec_lightning.data.base import ClassificationDataModule
 
 # Per-channel statistics of all 1797 images scaled to [0, 1] (pixel values / 16).
 DIGITS_MEAN = 0.3053
 DIGITS_STD = 0.3760
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= 1.")
-
-
-def _distributed_sampler(datamodule: pl.LightningDataModule) -> DistributedSampler | None:
-    """Under DDP, a DistributedSampler that honours ``shuffle`` (Lightning's own always shuffles).
-
-    With ``shuffle=False`` rank r takes samples r, r + W, r + 2W, ...: per-rank batch B / W then holds
-    exactly the samples of a single-process batch B, which makes DDP runs comparable to one process.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if torch.distributed.get_world_size() == 1:
-        return None
-    return DistributedSampler(
-        datamodule.splits["train"], shuffle=datamodule.hparams.shuffle, seed=datamodule.hparams.seed
-    )
-
-
-class DigitsDataModule(pl.LightningDataModule):
-    """Stratified train/val/test split of the digits, images (1, 8, 8) in [0, 1].
+class DigitsDataModule(ClassificationDataModule):
+    """Stratified train/val/test split of the digits, images (1, 8, 8) float in [0, 1], no augmentation.
 
     Args:
         batch_size: training batch size (per process under DDP).
@@ -44,6 +26,8 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: share of all images held out for testing (stratified).
         seed: seed of the split (the same seed always gives the same split).
         shuffle: shuffle the training set each epoch.
+        train_eval_per_class: if > 0, a second validation loader with this many training images per
+            class (train/test divergence diagnostic).
         num_workers: DataLoader workers (0 is fastest for this in-memory data).
     """
 
@@ -61,11 +45,18 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         shuffle: bool = True,
+        train_eval_per_class: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        _check_positive_int("data.batch_size", batch_size)
-        _check_positive_int("data.eval_batch_size", eval_batch_size)
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            train_eval_per_class=train_eval_per_class,
+            augment=False,
+            seed=seed,
+            shuffle=shuffle,
+            num_workers=num_workers,
+        )
         for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}={value!r} is not accepted; it must lie in (0, 1).")
@@ -74,10 +65,8 @@ class DigitsDataModule(pl.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves too little "
                 "training data; keep the sum below 0.9."
             )
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers!r} is not accepted; it must be >= 0.")
-        self.save_hyperparameters()
-        self.splits: dict[str, TensorDataset] = {}
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
 
     @staticmethod
     def load_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -88,42 +77,25 @@ class DigitsDataModule(pl.LightningDataModule):
         images = (bunch.images.astype(np.float32) / 16.0)[:, None]
         return images, bunch.target.astype(np.int64)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    @cached_property
+    def _split_indices(self) -> dict[str, np.ndarray]:
         from sklearn.model_selection import train_test_split
 
-        images, labels = self.load_arrays()
+        _, labels = self.load_arrays()
         index = np.arange(len(labels))
-        hp = self.hparams
-        rest, test = train_test_split(index, test_size=hp.test_fraction, stratify=labels, random_state=hp.seed)
+        rest, test = train_test_split(index, test_size=self.test_fraction, stratify=labels, random_state=self.seed)
         train, val = train_test_split(
-            rest, test_size=hp.val_fraction / (1 - hp.test_fraction), stratify=labels[rest], random_state=hp.seed
+            rest,
+            test_size=self.val_fraction / (1 - self.test_fraction),
+            stratify=labels[rest],
+            random_state=self.seed,
         )
-        for name, idx in (("train", train), ("val", val), ("test", test)):
-            idx = np.sort(idx)
-            self.splits[name] = TensorDataset(torch.from_numpy(images[idx]), torch.from_numpy(labels[idx]))
+        return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
-        if not self.splits:
-            self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=batch_size,
-            shuffle=shuffle if sampler is None else None,
-            sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+    def has_own_val(self) -> bool:
+        return True
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle, _distributed_sampler(self))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.hparams.eval_batch_size, False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.hparams.eval_batch_size, False)
+    def load_split(self, split: str) -> tuple[Tensor, Tensor]:
+        images, labels = self.load_arrays()
+        idx = self._split_indices[split]
+        return torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])

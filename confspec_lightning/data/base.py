@@ -1,0 +1,209 @@
+"""Shared machinery of the image-classification data modules.
+
+A subclass provides the images of each split as in-memory tensors (``uint8`` (N, C, H, W), or float in
+[0, 1]) with int64 labels, plus the class attributes ``num_classes``, ``class_names``, ``mean``,
+``std`` and ``input_shape`` (the CLI links them into the model). This base class adds
+
+* a stratified validation split held out from train (``val_per_class`` images per class,
+  deterministic given ``seed``), or the data set's own validation split;
+* an optional second validation loader ``train_eval``: ``train_eval_per_class`` training images per
+  class without augmentation, for the train/test divergence diagnostic;
+* loaders with a DistributedSampler that honours ``shuffle`` under DDP;
+* conversion to float in [0, 1] and the standard train augmentation (random crop with zero padding,
+  horizontal flip) done per batch on the device, after the transfer (cheap, and the CSR epoch pass
+  sees the same augmentation as training).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+
+def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= {minimum}.")
+
+
+def stratified_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` samples of every class, drawn without replacement (seeded).
+
+    Raises:
+        ValueError: when a class has fewer than ``per_class`` samples.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if len(members) < per_class:
+            raise ValueError(
+                f"class {int(cls)} has {len(members)} samples, fewer than the {per_class} per class asked for."
+            )
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample random crop (zero padding ``padding``) and horizontal flip of a batch (B, C, H, W)."""
+    b, _, h, w = x.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, channels, rows, cols]
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base of the data modules (see the module docstring).
+
+    Args:
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size per process.
+        val_per_class: images per class held out from train for validation (stratified, seeded);
+            ``None`` uses the data set's own validation split where it has one (subclasses say).
+        train_eval_per_class: if > 0, a second validation loader with this many training images per
+            class (no augmentation), for the train/test divergence diagnostic.
+        augment: random crop (``crop_padding``) and horizontal flip of training batches.
+        crop_padding: zero padding of the random crop (4 for 32x32 images).
+        seed: seed of the held-out splits.
+        shuffle: shuffle the training set every epoch.
+        num_workers: DataLoader workers (0 is right for in-memory tensors).
+    """
+
+    num_classes: ClassVar[int]
+    class_names: ClassVar[list[str]]
+    mean: ClassVar[list[float]]
+    std: ClassVar[list[float]]
+    input_shape: ClassVar[tuple[int, ...]]
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        val_per_class: int | None = None,
+        train_eval_per_class: int = 0,
+        augment: bool = True,
+        crop_padding: int = 4,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive_int("data.batch_size", batch_size)
+        check_positive_int("data.eval_batch_size", eval_batch_size)
+        if val_per_class is not None:
+            check_positive_int("data.val_per_class", val_per_class)
+        check_positive_int("data.train_eval_per_class", train_eval_per_class, minimum=0)
+        check_positive_int("data.crop_padding", crop_padding, minimum=0)
+        check_positive_int("data.num_workers", num_workers, minimum=0)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_per_class = val_per_class
+        self.train_eval_per_class = train_eval_per_class
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.splits: dict[str, TensorDataset] = {}
+
+    # ----------------------------------------------------------- for subclasses
+    def load_split(self, split: str) -> tuple[Tensor, Tensor]:
+        """Images (N, C, H, W) (uint8, or float in [0, 1]) and int64 labels of one split.
+
+        Splits: ``"train"``, ``"test"``, and ``"val"`` where :meth:`has_own_val` is true.
+        """
+        raise NotImplementedError
+
+    def has_own_val(self) -> bool:
+        """Whether the data set has its own validation split (used when ``val_per_class`` is None)."""
+        return False
+
+    # ------------------------------------------------------------------ splits
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train_x, train_y = self.load_split("train")
+        if self.val_per_class is not None:
+            val_idx = stratified_indices(train_y.numpy(), self.val_per_class, self.seed)
+            keep = np.ones(len(train_y), dtype=bool)
+            keep[val_idx] = False
+            self.splits["val"] = TensorDataset(train_x[val_idx], train_y[val_idx])
+            train_x, train_y = train_x[torch.from_numpy(keep)], train_y[torch.from_numpy(keep)]
+        elif self.has_own_val():
+            self.splits["val"] = TensorDataset(*self.load_split("val"))
+        else:
+            raise ValueError(
+                f"{type(self).__name__} has no validation split of its own: set data.val_per_class "
+                "(images per class held out from train)."
+            )
+        self.splits["train"] = TensorDataset(train_x, train_y)
+        self.splits["test"] = TensorDataset(*self.load_split("test"))
+        if self.train_eval_per_class > 0:
+            idx = stratified_indices(train_y.numpy(), self.train_eval_per_class, self.seed + 1)
+            self.splits["train_eval"] = TensorDataset(train_x[idx], train_y[idx])
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, split: str, batch_size: int, train: bool = False) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        sampler = self._distributed_train_sampler() if train else None
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            shuffle=(self.shuffle if train else False) if sampler is None else None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _distributed_train_sampler(self) -> DistributedSampler | None:
+        """Under DDP, a DistributedSampler that honours ``shuffle`` (Lightning's own always shuffles).
+
+        With ``shuffle=False`` rank r takes samples r, r + W, r + 2W, ...: per-rank batch B / W then
+        holds exactly the samples of a single-process batch B, so DDP runs compare with one process.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        if torch.distributed.get_world_size() == 1:
+            return None
+        return DistributedSampler(self.splits["train"], shuffle=self.shuffle, seed=self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        val = self._loader("val", self.eval_batch_size)
+        if "train_eval" in self.splits:
+            return [val, self._loader("train_eval", self.eval_batch_size)]
+        return val
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    # ------------------------------------------------------- device-side steps
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 -> float in [0, 1]; crop + flip for training batches when ``augment``."""
+        x, y = batch
+        if not x.is_floating_point():
+            x = x.float().div_(255.0)
+        trainer = getattr(self, "trainer", None)
+        if self.augment and trainer is not None and trainer.training:
+            x = random_crop_flip(x, self.crop_padding)
+        return x, y
