@@ -5,7 +5,10 @@ A subclass provides the images of each split as in-memory tensors (``uint8`` (N,
 ``std`` and ``input_shape`` (the CLI links them into the model). This base class adds
 
 * a stratified validation split held out from train (``val_per_class`` images per class,
-  deterministic given ``seed``), or the data set's own validation split;
+  deterministic given ``seed``), or the data set's own validation split, or else the test split
+  (what much of the robustness literature does; say so when you report such numbers);
+* optional stratified subsets of train and test (``train_per_class``, ``test_per_class``) for quick
+  runs on small machines;
 * an optional second validation loader ``train_eval``: ``train_eval_per_class`` training images per
   class without augmentation, for the train/test divergence diagnostic;
 * loaders with a DistributedSampler that honours ``shuffle`` under DDP;
@@ -72,7 +75,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size per process.
         val_per_class: images per class held out from train for validation (stratified, seeded);
-            ``None`` uses the data set's own validation split where it has one (subclasses say).
+            ``None`` uses the data set's own validation split where it has one, else the test split.
+        train_per_class: keep only this many training images per class (after the hold-out); None = all.
+        test_per_class: keep only this many test images per class; None = all.
         train_eval_per_class: if > 0, a second validation loader with this many training images per
             class (no augmentation), for the train/test divergence diagnostic.
         augment: random crop (``crop_padding``) and horizontal flip of training batches.
@@ -93,6 +98,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 256,
         val_per_class: int | None = None,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
         train_eval_per_class: int = 0,
         augment: bool = True,
         crop_padding: int = 4,
@@ -103,14 +110,21 @@ class ClassificationDataModule(pl.LightningDataModule):
         super().__init__()
         check_positive_int("data.batch_size", batch_size)
         check_positive_int("data.eval_batch_size", eval_batch_size)
-        if val_per_class is not None:
-            check_positive_int("data.val_per_class", val_per_class)
+        for name, value in (
+            ("data.val_per_class", val_per_class),
+            ("data.train_per_class", train_per_class),
+            ("data.test_per_class", test_per_class),
+        ):
+            if value is not None:
+                check_positive_int(name, value)
         check_positive_int("data.train_eval_per_class", train_eval_per_class, minimum=0)
         check_positive_int("data.crop_padding", crop_padding, minimum=0)
         check_positive_int("data.num_workers", num_workers, minimum=0)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.val_per_class = val_per_class
+        self.train_per_class = train_per_class
+        self.test_per_class = test_per_class
         self.train_eval_per_class = train_eval_per_class
         self.augment = augment
         self.crop_padding = crop_padding
@@ -140,19 +154,22 @@ class ClassificationDataModule(pl.LightningDataModule):
             val_idx = stratified_indices(train_y.numpy(), self.val_per_class, self.seed)
             keep = np.ones(len(train_y), dtype=bool)
             keep[val_idx] = False
-            self.splits["val"] = TensorDataset(train_x[val_idx], train_y[val_idx])
+            self.splits["val"] = TensorDataset(train_x[torch.from_numpy(val_idx)], train_y[torch.from_numpy(val_idx)])
             train_x, train_y = train_x[torch.from_numpy(keep)], train_y[torch.from_numpy(keep)]
         elif self.has_own_val():
             self.splits["val"] = TensorDataset(*self.load_split("val"))
-        else:
-            raise ValueError(
-                f"{type(self).__name__} has no validation split of its own: set data.val_per_class "
-                "(images per class held out from train)."
-            )
+        test_x, test_y = self.load_split("test")
+        if self.test_per_class is not None:
+            idx = torch.from_numpy(stratified_indices(test_y.numpy(), self.test_per_class, self.seed + 2))
+            test_x, test_y = test_x[idx], test_y[idx]
+        self.splits["test"] = TensorDataset(test_x, test_y)
+        self.splits.setdefault("val", self.splits["test"])
+        if self.train_per_class is not None:
+            idx = torch.from_numpy(stratified_indices(train_y.numpy(), self.train_per_class, self.seed + 3))
+            train_x, train_y = train_x[idx], train_y[idx]
         self.splits["train"] = TensorDataset(train_x, train_y)
-        self.splits["test"] = TensorDataset(*self.load_split("test"))
         if self.train_eval_per_class > 0:
-            idx = stratified_indices(train_y.numpy(), self.train_eval_per_class, self.seed + 1)
+            idx = torch.from_numpy(stratified_indices(train_y.numpy(), self.train_eval_per_class, self.seed + 1))
             self.splits["train_eval"] = TensorDataset(train_x[idx], train_y[idx])
 
     # ----------------------------------------------------------------- loaders
