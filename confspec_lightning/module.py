@@ -29,6 +29,7 @@ from confspec_lightning.attacks import AttackConfig, eval_mode
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models.normalize import Normalize
+from confspec_lightning.models.weights import load_backbone_weights
 from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
 from confspec_lightning.reporting import ClasswiseReport
 
@@ -65,6 +66,9 @@ class RobustFairLitModule(pl.LightningModule):
         input_std: per-channel std of the inputs (linked from data).
         class_names: names used in logs and reports (linked from data).
         eval_seed: seed of the evaluation attack's random start (same noise every epoch).
+        init_weights: fine-tuning: a Lightning checkpoint or a plain state-dict file whose weights are
+            loaded into the backbone (safely, ``weights_only=True``; wrapper prefixes such as
+            ``module.`` are stripped; a wrong architecture is a clear error).
     """
 
     #: The metric that selects the best checkpoint, and its direction.
@@ -86,6 +90,7 @@ class RobustFairLitModule(pl.LightningModule):
         input_std: list[float] | None = None,
         class_names: list[str] | None = None,
         eval_seed: int = 0,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -109,6 +114,8 @@ class RobustFairLitModule(pl.LightningModule):
             if input_mean is None or input_std is None:
                 raise ValueError("give both input_mean and input_std, or neither.")
             normalize = Normalize(input_mean, input_std)
+        if init_weights is not None:
+            load_backbone_weights(backbone, init_weights)
         self.net = nn.Sequential()
         self.net.add_module("normalize", normalize)
         self.net.add_module("backbone", backbone)
@@ -157,8 +164,14 @@ class RobustFairLitModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         input_shape = getattr(datamodule, "input_shape", None)
         if input_shape is not None:
-            with torch.no_grad(), eval_mode(self.net):
-                logits = self.net(torch.zeros(2, *input_shape, device=self.device))
+            try:
+                with torch.no_grad(), eval_mode(self.net):
+                    logits = self.net(torch.zeros(2, *input_shape, device=self.device))
+            except RuntimeError as error:
+                raise ValueError(
+                    f"the backbone {type(self.backbone).__name__} fails on a batch of the data's input shape "
+                    f"{tuple(input_shape)} (channels, height, width): {error}"
+                ) from error
             self.check_logits(logits)
 
     # --------------------------------------------------------------- training

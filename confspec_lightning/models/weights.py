@@ -1,0 +1,96 @@
+"""Loading backbone weights for fine-tuning, safely (no pickled code is ever executed).
+
+Accepted files: a Lightning checkpoint (its ``state_dict``; for a ``RobustFairLitModule`` the keys
+under ``net.backbone.``), or a plain state dict as saved by ``torch.save(model.state_dict())``,
+possibly nested under ``state_dict`` / ``model`` / ``model_state_dict`` and with wrapper prefixes
+such as ``module.`` (DataParallel/DDP), ``model.``, ``backbone.`` or ``_orig_mod.`` (torch.compile).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+#: Prefixes stripped (repeatedly, in any order) until the keys match the backbone's.
+KNOWN_PREFIXES = ("net.backbone.", "module.", "model.", "backbone.", "_orig_mod.", "net.")
+NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint or state-dict file, loaded with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds pickled objects (refused, never executed), is corrupt, or holds no
+            state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_weights={str(path)!r}: no such file.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"init_weights={str(path)!r} holds pickled Python objects, which are refused for safety "
+            f"(torch.load weights_only=True). Save a plain state dict instead: torch.save(model.state_dict(), path). "
+            f"Detail: {str(error).splitlines()[0]}"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"init_weights={str(path)!r} is not a readable torch file (corrupt or truncated?): {error}"
+        ) from error
+    for key in NESTED_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"init_weights={str(path)!r} holds no state dict (a mapping of parameter names to tensors).")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def match_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Strip known wrapper prefixes from ``state`` keys as long as that makes more keys match ``expected``."""
+    while True:
+        matches = sum(k in expected for k in state)
+        best, best_matches = None, matches
+        for prefix in KNOWN_PREFIXES:
+            stripped = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            count = sum(k in expected for k in stripped)
+            if count > best_matches:
+                best, best_matches = stripped, count
+        if best is None:
+            return state
+        state = best
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load the weights in ``path`` into ``backbone`` (strict: every tensor must match by name and shape).
+
+    Raises:
+        ValueError: missing or unexpected keys or shape mismatches (a different architecture), naming a
+            few of each.
+    """
+    own = backbone.state_dict()
+    state = match_prefixes(read_state_dict(path), set(own))
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+        raise ValueError(
+            f"init_weights={str(path)!r} does not fit the backbone {type(backbone).__name__} (wrong architecture or "
+            f"num_classes?): {len(missing)} missing [{head(missing)}], {len(unexpected)} unexpected "
+            f"[{head(unexpected)}], {len(mismatched)} with other shapes [{head(mismatched)}]."
+        )
+    backbone.load_state_dict(state, strict=True)
