@@ -31,7 +31,7 @@ from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models.normalize import Normalize
 from confspec_lightning.models.weights import load_backbone_weights
 from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
-from confspec_lightning.reporting import ClasswiseReport
+from confspec_lightning.reporting import ClasswiseReport, divergence
 
 try:  # set by LightningCLI while it instantiates the module (hyperparameters come from the config)
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - older/newer Lightning
 
 #: Per-class accuracies are logged as TensorBoard scalars up to this many classes (figures always).
 MAX_CLASSWISE_SCALARS = 20
-EVAL_STAGES = ("val", "test")
+#: "train_eval": a stratified subset of the training images (the data module's second validation loader).
+EVAL_STAGES = ("val", "test", "train_eval")
 
 
 def _attack_config(value: AttackConfig | dict[str, Any]) -> AttackConfig:
@@ -267,7 +268,7 @@ class RobustFairLitModule(pl.LightningModule):
     def _start_evaluation(self) -> None:
         self._eval_generator = None  # same attack noise every evaluation
 
-    def _finish_evaluation(self, stage: str) -> ClasswiseReport:
+    def _finish_evaluation(self, stage: str, figures: bool = True) -> ClasswiseReport:
         clean, robust = self.eval_metrics[f"{stage}_clean"], self.eval_metrics[f"{stage}_robust"]
         clean_acc = clean.classwise_accuracy()  # collectives: every rank calls them
         errors, counts = robust.synced_state()
@@ -282,7 +283,8 @@ class RobustFairLitModule(pl.LightningModule):
         self.log_dict(report.scalars(), on_step=False, on_epoch=True, sync_dist=True)
         if self.num_classes <= MAX_CLASSWISE_SCALARS:
             self.log_dict(report.classwise_scalars(), on_step=False, on_epoch=True, sync_dist=True)
-        self._log_figures(report)
+        if figures:
+            self._log_figures(report)
         self.reports[stage] = report
         return report
 
@@ -316,11 +318,17 @@ class RobustFairLitModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate_batch(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_batch(batch, "val" if dataloader_idx == 0 else "train_eval")
 
     def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
+        report = self._finish_evaluation("val")
+        if len(self.trainer.num_val_batches) > 1:  # the data module also gave a train subset
+            train_report = self._finish_evaluation("train_eval", figures=False)
+            report.divergence = divergence(train_report, report)
+            if not self.trainer.sanity_checking:
+                name = "val/robust_acc_kendall_tau_train"
+                self.log(name, report.divergence["kendall_tau"], on_epoch=True, sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._start_evaluation()
@@ -370,7 +378,7 @@ class RobustFairLitModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- reports
     def _publish(self, stage: str) -> None:
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None  # a collective under DDP
         report = self.reports.get(stage)
         if report is None or self.global_rank != 0:
             return

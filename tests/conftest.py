@@ -32,7 +32,8 @@ def tiny_model() -> torch.nn.Module:
     return torch.nn.Sequential(Normalize([0.3053], [0.3760]), DigitsCNN(width=8))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def chdir_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own temporary directory: nothing is written into the repository."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
