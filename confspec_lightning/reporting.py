@@ -58,6 +58,7 @@ class ClasswiseReport:
     class_counts: list[int]
     confusion: list[list[float]]
     confusion_spectral_norm: float
+    divergence: dict[str, Any] | None = None
 
     @classmethod
     def from_state(
@@ -134,6 +135,12 @@ class ClasswiseReport:
             f"{'spread':<{width}}  {'':>5}  {100 * c_spread:>8.2f}  {100 * r_spread:>8.2f}",
             f"||C||_2 of the robust confusion matrix (per-class error rates): {self.confusion_spectral_norm:.4f}",
         ]
+        if self.divergence is not None:
+            tau, train_avg = self.divergence["kendall_tau"], self.divergence["train_robust_acc_avg"]
+            lines.append(
+                f"Kendall tau of per-class robust accuracy, train subset vs {self.stage}: {tau:.3f} "
+                f"(train subset robust avg {100 * train_avg:.2f} %)"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,8 +149,25 @@ class ClasswiseReport:
         data["clean_acc"] = _nan_to_none(self.clean_acc)
         data["robust_acc"] = _nan_to_none(self.robust_acc)
         data["summary"] = {k.split("/", 1)[1]: (None if math.isnan(v) else v) for k, v in self.scalars().items()}
+        if self.divergence is not None:
+            data["divergence"] = {
+                k: (_nan_to_none(v) if isinstance(v, list) else (None if math.isnan(v) else v))
+                for k, v in self.divergence.items()
+            }
         return data
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` atomically."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def divergence(train: ClasswiseReport, evaluated: ClasswiseReport) -> dict[str, Any]:
+    """Train/test divergence diagnostic: per-class robust accuracy on a train subset vs an evaluated split.
+
+    Returns the train per-class accuracies, their average, and Kendall's tau-b between the two
+    per-class rankings (1 = the same class order; low = the classes that are robust on training data
+    are not the ones robust on held-out data, the paper's motivation).
+    """
+    tau = CF.kendall_tau(torch.tensor(train.robust_acc), torch.tensor(evaluated.robust_acc))
+    avg, _, _, _ = ClasswiseReport._summary(train.robust_acc)
+    return {"train_robust_acc": list(train.robust_acc), "train_robust_acc_avg": avg, "kendall_tau": float(tau)}
