@@ -9,8 +9,8 @@ A subclass provides the images of each split as in-memory tensors (``uint8`` (N,
   (what much of the robustness literature does; say so when you report such numbers);
 * optional stratified subsets of train and test (``train_per_class``, ``test_per_class``) for quick
   runs on small machines;
-* an optional second validation loader ``train_eval``: ``train_eval_per_class`` training images per
-  class without augmentation, for the train/test divergence diagnostic;
+* an optional second validation (and test) loader ``train_eval``: ``train_eval_per_class`` training
+  images per class without augmentation, for the train/test divergence diagnostic;
 * loaders with a DistributedSampler that honours ``shuffle`` under DDP;
 * conversion to float in [0, 1] and the standard train augmentation (random crop with zero padding,
   horizontal flip) done per batch on the device, after the transfer (cheap, and the CSR epoch pass
@@ -208,8 +208,11 @@ class ClassificationDataModule(pl.LightningDataModule):
             return [val, self._loader("train_eval", self.eval_batch_size)]
         return val
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        test = self._loader("test", self.eval_batch_size)
+        if "train_eval" in self.splits:
+            return [test, self._loader("train_eval", self.eval_batch_size)]
+        return test
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size)
