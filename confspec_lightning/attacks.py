@@ -1,8 +1,9 @@
 """Projected gradient descent (PGD) attacks in plain torch.
 
-PGD (Madry et al., 2018) under an l_inf or l_2 budget, maximising either the cross entropy with the
-label (``"ce"``, uniform random start) or the TRADES objective KL(p(x) || p(x_adv)) (``"trades_kl"``,
-start x + 0.001 N(0, 1); Zhang et al., 2019).
+PGD (Madry et al., 2018) under an l_inf or l_2 budget, maximising the cross entropy with the label
+(``"ce"``, uniform random start), the Carlini-Wagner margin max_{j != y} z_j - z_y (``"cw"``, uniform
+random start; Carlini & Wagner, 2017, the "CW-20" evaluation of the robustness literature) or the TRADES
+objective KL(p(x) || p(x_adv)) (``"trades_kl"``, start x + 0.001 N(0, 1); Zhang et al., 2019).
 
 Properties every caller can rely on:
 
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Norm = Literal["linf", "l2"]
-AttackObjective = Literal["ce", "trades_kl"]
+AttackObjective = Literal["ce", "cw", "trades_kl"]
 NORMS: tuple[str, ...] = ("linf", "l2")
-ATTACK_OBJECTIVES: tuple[str, ...] = ("ce", "trades_kl")
+ATTACK_OBJECTIVES: tuple[str, ...] = ("ce", "cw", "trades_kl")
 
 
 def check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
@@ -49,8 +50,8 @@ class AttackConfig:
         eps: radius of the perturbation ball (> 0), e.g. 8/255 for l_inf, 0.5 for l_2.
         step: step size of each PGD iteration (> 0), e.g. 2/255.
         steps: number of PGD iterations (>= 1).
-        random_start: start from a random point (uniform in the ball for ``ce``, x + 0.001 N(0, 1) for
-            ``trades_kl``); ``False`` starts at x (deterministic attacks, e.g. for exact comparisons).
+        random_start: start from a random point (uniform in the ball for ``ce`` and ``cw``, x + 0.001 N(0, 1)
+            for ``trades_kl``); ``False`` starts at x (deterministic attacks, e.g. for exact comparisons).
     """
 
     norm: Norm = "linf"
@@ -149,8 +150,13 @@ def objective_logit_grad(
     """Gradient of the per-sample attack objective with respect to the logits, in float32.
 
     ``ce``: d CE(z, y) / dz = softmax(z) - onehot(y).
+    ``cw``: d (max_{j != y} z_j - z_y) / dz = onehot(j*) - onehot(y), j* = argmax_{j != y} z_j.
     ``trades_kl``: d KL(p_clean || softmax(z)) / dz = softmax(z) - p_clean.
     """
+    if objective == "cw":
+        is_true = F.one_hot(target, logits.shape[1]).bool()
+        runner_up = logits.detach().float().masked_fill(is_true, -torch.inf).argmax(dim=1)
+        return F.one_hot(runner_up, logits.shape[1]).float() - is_true.float()
     probs = logits.float().softmax(dim=1)
     if objective == "ce":
         return probs - F.one_hot(target, probs.shape[1]).to(probs.dtype)
@@ -179,12 +185,12 @@ def pgd(
     Args:
         model: maps [0, 1] images to logits (normalisation inside). Attacked in eval mode.
         x: clean batch in [0, 1], shape (B, ...).
-        target: labels (B,), used by ``ce``.
+        target: labels (B,), used by ``ce`` and ``cw``.
         eps: radius (scalar or (B,)).
         step: step size (scalar or (B,)).
         steps: number of iterations.
         norm: ``"linf"`` or ``"l2"``.
-        objective: ``"ce"`` (uniform random start) or ``"trades_kl"`` (start x + 0.001 N(0, 1)).
+        objective: ``"ce"``, ``"cw"`` (both uniform random start) or ``"trades_kl"`` (start x + 0.001 N(0, 1)).
         random_start: use the random start above; ``False`` starts at x.
         generator: optional RNG for the random start.
 
@@ -233,10 +239,18 @@ def pgd(
 def attack_objective_value(
     model: nn.Module, x: Tensor, x_adv: Tensor, target: Tensor, objective: AttackObjective
 ) -> Tensor:
-    """Per-sample value of the attack objective at ``x_adv`` (for tests and diagnostics), eval mode."""
+    """Per-sample value of the attack objective at ``x_adv`` (for tests and diagnostics), eval mode.
+
+    ``ce``: CE(f(x_adv), y); ``cw``: max_{j != y} z_j - z_y with z = f(x_adv) (> 0: misclassified);
+    ``trades_kl``: KL(p(x) || p(x_adv)).
+    """
     with torch.no_grad(), eval_mode(model):
         logits = model(x_adv).float()
         if objective == "ce":
             return F.cross_entropy(logits, target, reduction="none")
+        if objective == "cw":
+            is_true = F.one_hot(target, logits.shape[1]).bool()
+            true_logit = logits.gather(1, target.long().unsqueeze(1)).squeeze(1)
+            return logits.masked_fill(is_true, -torch.inf).amax(dim=1) - true_logit
         clean_log_probs = model(x).float().log_softmax(dim=1)
         return F.kl_div(logits.log_softmax(dim=1), clean_log_probs, reduction="none", log_target=True).sum(1)

@@ -3,11 +3,13 @@
 Jin, Wu, Liu, Huang, Mu, "Enhancing Robust Fairness via Confusional Spectral Regularization",
 ICLR 2025 (arXiv 2501.13273); the behaviour follows the project's ``method.md`` sections 1-3.
 
-* :func:`robust_confusion_matrix` - C (K x K), rows = predicted, columns = true class, zero diagonal.
+* :func:`robust_confusion_matrix` - C (K x K), rows = predicted, columns = true class, zero diagonal
+  (:func:`confusion_from_predictions` builds the same C from predicted labels).
 * :func:`spectral_direction` - G = u1 v1^T = d sigma_max(C) / dC (float64 SVD, non-negative,
   optionally rescaled to [0.01, 2.01]).
 * :func:`csr_weights` - per-sample weights w_k = G[yhat_k, y_k].
 * :func:`spectral_norm`, :func:`classwise_error`, :func:`classwise_accuracy` - summaries of C.
+* :func:`kendall_tau` - Kendall's tau-b rank correlation (train/test divergence diagnostic).
 
 All functions are pure torch, run on the tensors' device and never synchronise host and device.
 """
@@ -78,8 +80,29 @@ def robust_confusion_matrix(
     """
     _check_inputs(logits, target, num_classes)
     pred = margin_predictions(logits, target, gamma, margin)
-    counts = _confusion_counts(pred, target, num_classes).float()
-    errors = counts.fill_diagonal_(0.0)
+    return confusion_from_predictions(pred, target, num_classes, normalize)
+
+
+def confusion_from_predictions(pred: Tensor, target: Tensor, num_classes: int, normalize: bool = False) -> Tensor:
+    """Robust confusion matrix C from predicted labels (e.g. predictions on adversarial inputs).
+
+    C[i, j] (i != j) = number of class-j samples predicted as i, C[j, j] = 0 (method.md section 1); with
+    ``normalize`` each column is divided by the number of class-j samples (per-class error rates).
+
+    Args:
+        pred: predicted classes (N,), integers in [0, K).
+        target: true classes (N,), integers in [0, K).
+        num_classes: K.
+        normalize: divide each column by its class count.
+
+    Returns:
+        float32 tensor (K, K).
+    """
+    if pred.ndim != 1 or pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must be 1-D tensors of the same shape; got {tuple(pred.shape)} and {tuple(target.shape)}."
+        )
+    errors = _confusion_counts(pred, target, num_classes).float().fill_diagonal_(0.0)
     if normalize:
         errors = errors / counts_per_class(target, num_classes).float().clamp_min(1.0)
     return errors
@@ -156,3 +179,31 @@ def classwise_error(confusion: Tensor, class_counts: Tensor) -> Tensor:
 def classwise_accuracy(confusion: Tensor, class_counts: Tensor) -> Tensor:
     """Class-wise accuracy 1 - classwise_error (NaN for classes without samples)."""
     return 1.0 - classwise_error(confusion, class_counts)
+
+
+def kendall_tau(a: Tensor, b: Tensor) -> float:
+    """Kendall's tau-b rank correlation of two vectors (Kendall, 1945; as ``scipy.stats.kendalltau``).
+
+    tau_b = (n_c - n_d) / sqrt((n_0 - n_1) (n_0 - n_2)) over the pairs i < j, with n_c / n_d the
+    concordant / discordant pairs, n_0 = n (n - 1) / 2 and n_1, n_2 the pairs tied in ``a``, in ``b``.
+    Equivalently sum_{i<j} s^a_ij s^b_ij / sqrt(sum_{i<j} |s^a_ij| sum_{i<j} |s^b_ij|), s^a_ij = sign(a_i - a_j).
+
+    Entries where either vector is NaN are dropped (pairwise). Returns NaN with fewer than 2 points left
+    or when a vector is constant. Pure torch, float64, O(n^2) memory (meant for per-class vectors).
+    """
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(
+            f"kendall_tau needs two 1-D tensors of the same length; got shapes {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    a, b = a.detach().to(torch.float64), b.detach().to(device=a.device, dtype=torch.float64)
+    keep = ~(a.isnan() | b.isnan())
+    a, b = a[keep], b[keep]
+    if a.numel() < 2:
+        return float("nan")
+    upper = torch.triu(torch.ones(a.numel(), a.numel(), dtype=torch.bool, device=a.device), diagonal=1)
+    sign_a = torch.sign(a[:, None] - a[None, :])[upper]
+    sign_b = torch.sign(b[:, None] - b[None, :])[upper]
+    denominator = torch.sqrt(sign_a.abs().sum() * sign_b.abs().sum())
+    if denominator == 0:
+        return float("nan")
+    return float((sign_a * sign_b).sum() / denominator)

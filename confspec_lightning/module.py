@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +25,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, eval_mode
+from confspec_lightning.attacks import AttackConfig, check_choice, eval_mode
+from confspec_lightning.evaluation.autoattack import AutoAttackVersion, autoattack_predictions, check_autoattack_options
+from confspec_lightning.evaluation.report import Divergence, EvaluationReport
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models.normalize import Normalize
@@ -40,6 +42,8 @@ except ImportError:  # pragma: no cover - older/newer Lightning
 
 #: Per-class accuracies are logged as TensorBoard scalars up to this many classes (figures always).
 MAX_CLASSWISE_SCALARS = 20
+TestAttack = Literal["pgd", "cw", "autoattack"]
+TEST_ATTACKS: tuple[str, ...] = ("pgd", "cw", "autoattack")
 #: "train_eval": a stratified subset of the training images (the data module's second validation loader).
 EVAL_STAGES = ("val", "test", "train_eval")
 
@@ -70,6 +74,12 @@ class RobustFairLitModule(pl.LightningModule):
         init_weights: fine-tuning: a Lightning checkpoint or a plain state-dict file whose weights are
             loaded into the backbone (safely, ``weights_only=True``; wrapper prefixes such as
             ``module.`` are stripped; a wrong architecture is a clear error).
+        test_attacks: what ``test`` evaluates besides clean accuracy: ``"pgd"`` (``eval_attack``, always
+            run), ``"cw"`` (CW margin, same budget and steps) and ``"autoattack"`` (pyautoattack, norm and
+            eps of ``eval_attack``). Default ``["pgd"]``. ``test`` writes ``evaluation/`` (JSON,
+            Markdown, PNG) in the run directory.
+        autoattack_version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square) or ``"custom"``.
+        autoattack_attacks: the attack list of the ``"custom"`` version (e.g. ``["apgd-ce", "apgd-t"]``).
     """
 
     #: The metric that selects the best checkpoint, and its direction.
@@ -92,6 +102,9 @@ class RobustFairLitModule(pl.LightningModule):
         class_names: list[str] | None = None,
         eval_seed: int = 0,
         init_weights: str | None = None,
+        test_attacks: list[TestAttack] | None = None,
+        autoattack_version: AutoAttackVersion = "standard",
+        autoattack_attacks: list[str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -131,6 +144,13 @@ class RobustFairLitModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.eval_seed = eval_seed
+        self.test_attacks = list(test_attacks) if test_attacks is not None else ["pgd"]
+        for attack in self.test_attacks:
+            check_choice("test_attacks[]", attack, TEST_ATTACKS)
+        if "autoattack" in self.test_attacks:
+            check_autoattack_options(autoattack_version, autoattack_attacks)
+        self.autoattack_version = autoattack_version
+        self.autoattack_attacks = autoattack_attacks
         self.eval_metrics = nn.ModuleDict(
             {
                 f"{stage}_{kind}": RobustConfusionMatrix(num_classes)
@@ -257,13 +277,14 @@ class RobustFairLitModule(pl.LightningModule):
         cfg = self.eval_attack
         return f"PGD-{cfg.steps} {cfg.norm} eps={cfg.eps:.4f} step={cfg.step:.4f}"
 
-    def _evaluate_batch(self, batch: Any, stage: str) -> None:
+    def _evaluate_batch(self, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
         x, target = batch
         clean_logits = self.net(x)
         self.check_logits(clean_logits)
         adv_logits = self.net(self.evaluation_attack(x, target))
         self.eval_metrics[f"{stage}_clean"].update(clean_logits, target)
         self.eval_metrics[f"{stage}_robust"].update(adv_logits, target)
+        return clean_logits, adv_logits
 
     def _start_evaluation(self) -> None:
         self._eval_generator = None  # same attack noise every evaluation
@@ -330,14 +351,87 @@ class RobustFairLitModule(pl.LightningModule):
                 name = "val/robust_acc_kendall_tau_train"
                 self.log(name, report.divergence["kendall_tau"], on_epoch=True, sync_dist=True)
 
+    def on_test_start(self) -> None:
+        if self.trainer.world_size > 1:
+            raise RuntimeError(
+                f"confspec test runs on one device for exact per-class numbers (a DistributedSampler pads the "
+                f"split by repeating images); got {self.trainer.world_size} processes: pass --trainer.devices 1 "
+                "--trainer.num_nodes 1."
+            )
+
     def on_test_epoch_start(self) -> None:
         self._start_evaluation()
+        self._test_predictions: dict[str, dict[str, list[Tensor]]] = {"test": {}, "train_eval": {}}
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate_batch(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Clean and PGD on every batch; CW and AutoAttack (``test_attacks``) on the test split only."""
+        stage = "test" if dataloader_idx == 0 else "train_eval"
+        clean_logits, adv_logits = self._evaluate_batch(batch, stage)
+        x, target = batch
+        predictions = {"target": target, "clean": clean_logits.argmax(1), self._attack_key("pgd"): adv_logits.argmax(1)}
+        if stage == "test" and "cw" in self.test_attacks:
+            x_cw = self.eval_attack.perturb(self.net, x, target, "cw", generator=self._eval_generator)
+            predictions[self._attack_key("cw")] = self.net(x_cw).argmax(1)
+        if stage == "test" and "autoattack" in self.test_attacks:
+            predictions["autoattack"] = autoattack_predictions(
+                self.net,
+                x,
+                target,
+                norm=self.eval_attack.norm,
+                eps=self.eval_attack.eps,
+                version=self.autoattack_version,
+                attacks=self.autoattack_attacks,
+                batch_size=x.shape[0],
+                seed=self.eval_seed + batch_idx,
+            )
+        for key, value in predictions.items():
+            self._test_predictions[stage].setdefault(key, []).append(value.detach())
+
+    def _attack_key(self, attack: str) -> str:
+        return f"{attack}{self.eval_attack.steps}"  # pgd20, cw20
 
     def on_test_epoch_end(self) -> None:
         self._finish_evaluation("test")
+        collected = {stage: {k: torch.cat(v) for k, v in d.items()} for stage, d in self._test_predictions.items()}
+        test, train = collected["test"], collected["train_eval"]
+        target = test.pop("target")
+        divergence = None
+        if train:
+            self._finish_evaluation("train_eval", figures=False)
+            key = self._attack_key("pgd")
+            divergence = Divergence.from_predictions(
+                key, self.num_classes, train["target"], train[key], target, test[key]
+            )
+        cfg = self.eval_attack
+        self.evaluation = EvaluationReport.from_predictions(
+            name=self._run_name(),
+            class_names=self.class_names,
+            target=target,
+            predictions=test,
+            settings={
+                "norm": cfg.norm,
+                "eps": cfg.eps,
+                "pgd/cw step": cfg.step,
+                "pgd/cw steps": cfg.steps,
+                "random start": cfg.random_start,
+                "seed": self.eval_seed,
+                "autoattack": (
+                    f"{self.autoattack_version} {self.autoattack_attacks or ''}".strip()
+                    if "autoattack" in self.test_attacks
+                    else "not run"
+                ),
+                "images": int(target.numel()),
+            },
+            divergence=divergence,
+        )
+        for attack, result in self.evaluation.attacks.items():
+            self.log_dict({f"test/{attack}_acc": result.avg, f"test/{attack}_acc_worst": result.worst}, on_epoch=True)
+        if divergence is not None:
+            self.log("test/robust_acc_kendall_tau_train", divergence.kendall_tau, on_epoch=True)
+
+    def _run_name(self) -> str:
+        logger = self.trainer.logger
+        return str(getattr(logger, "name", None) or type(self.backbone).__name__)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Clean predictions and, where labels come with the batch, predictions under ``eval_attack``."""
@@ -397,3 +491,9 @@ class RobustFairLitModule(pl.LightningModule):
 
     def on_test_end(self) -> None:
         self._publish("test")
+        evaluation = getattr(self, "evaluation", None)
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if evaluation is None or log_dir is None or self.global_rank != 0:
+            return
+        written = evaluation.write(Path(log_dir) / "evaluation")
+        print(f"evaluation report written to {written['markdown']}", flush=True)

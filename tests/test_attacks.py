@@ -122,5 +122,5 @@ def test_attack_config_rejects_bad_values(kwargs, match):
 
 
 def test_pgd_rejects_unknown_objective(tiny_model, digits_batch):
-    with pytest.raises(ValueError, match=r"objective='cw'.*'ce', 'trades_kl'"):
-        pgd(tiny_model, *digits_batch, objective="cw")
+    with pytest.raises(ValueError, match=r"objective='bogus'.*'ce', 'cw', 'trades_kl'"):
+        pgd(tiny_model, *digits_batch, objective="bogus")

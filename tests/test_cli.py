@@ -18,6 +18,8 @@ QUICK = [
     "--trainer.enable_model_summary=false",
     "--model.init_args.train_attack.steps=2",
     "--model.init_args.eval_attack.steps=2",
+    "--model.init_args.autoattack_version=custom",
+    "--model.init_args.autoattack_attacks=[apgd-ce]",
 ]
 
 
@@ -26,14 +28,53 @@ def test_configs_are_shipped():
     assert {"digits/trades.yaml", "digits/trades_csr.yaml", "digits/pgdat_csr.yaml"} <= names
 
 
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SMALL_SPLITS = [
+    "--data.init_args.train_per_class=2",
+    "--data.init_args.val_per_class=1",
+    "--data.init_args.test_per_class=1",
+    "--data.init_args.train_eval_per_class=1",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.eval_batch_size=8",
+]
+
+
+def config_overrides(name: str, tmp) -> list[str]:
+    """Small data and (for fine-tuning) a generated starting checkpoint, so every config runs in seconds."""
+    if name.startswith("digits/"):
+        return []
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{name} needs the offline archives in {SHARED_DATA}, which is absent")
+    if name.startswith("cifar10/"):
+        out = [f"--data.init_args.root={SHARED_DATA / 'cifar10_q75'}", *SMALL_SPLITS]
+        if "finetune" in name:  # a small WideResNet and a generated "TRADES model" to start from
+            from confspec_lightning.models import WideResNet
+
+            weights = tmp / "trades_wrn.pt"
+            torch.save({"state_dict": WideResNet(10, depth=10, widen_factor=1).state_dict()}, weights)
+            out += [
+                "--model.init_args.backbone.init_args.depth=10",
+                "--model.init_args.backbone.init_args.widen_factor=1",
+                f"--model.init_args.init_weights={weights}",
+            ]
+        return out
+    if name.startswith("tinyimagenet/"):
+        return [f"--data.init_args.root={SHARED_DATA / 'tinyimagenet200_subset'}", *SMALL_SPLITS]
+    raise AssertionError(f"no test overrides for the shipped config {name}")
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_every_config_fast_dev_run(config, chdir_tmp):
-    cli = build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *QUICK])
+    name = config.relative_to(ROOT / "configs").as_posix()
+    overrides = config_overrides(name, chdir_tmp)
+    cli = build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *QUICK, *overrides])
     module, dm = cli.model, cli.datamodule
     assert module.num_classes == dm.num_classes  # linked, given once
     assert module.class_names == dm.class_names
     assert cli.trainer.state.finished
     assert "val" in module.reports
+    cli.trainer.test(module, datamodule=dm)
+    assert set(module.evaluation.attacks) == {"clean", "pgd2", "cw2", "autoattack"}
 
 
 def test_version_and_print_config(capsys):
@@ -62,7 +103,13 @@ def test_fit_then_test_with_ckpt_path_best(chdir_tmp, capsys):
     out = capsys.readouterr().out
     assert "-> " in out and "best-epoch" in out
     assert "Per-class accuracy (test split" in out
-    results = json.loads((chdir_tmp / "runs/digits_trades_csr/version_1/classwise_test.json").read_text())
+    test_dir = chdir_tmp / "runs/digits_trades_csr/version_1"
+    evaluation = json.loads((test_dir / "evaluation/evaluation.json").read_text())
+    assert list(evaluation["attacks"]) == ["clean", "pgd2", "cw2", "autoattack"]
+    assert sum(evaluation["class_counts"]) == 360
+    for name in ("evaluation.md", "classwise_accuracy.png", "robust_confusion.png"):
+        assert (test_dir / "evaluation" / name).stat().st_size > 0
+    results = json.loads((test_dir / "classwise_test.json").read_text())
     assert len(results["robust_acc"]) == 10 and sum(results["class_counts"]) == 360
     assert set(results["summary"]) >= {"robust_acc_worst", "clean_acc", "confusion_spectral_norm"}
     # the best checkpoint loads safely (no pickled code) and carries G and the confusion state

@@ -131,3 +131,17 @@ def test_checkpoint_carries_direction_and_confusion_and_resumes(tmp_path):
     assert list(recorder.directions) == [2]
     expected = CF.spectral_direction(CF.confusion_from_counts(errors, counts)).float()
     torch.testing.assert_close(recorder.directions[2], expected)
+
+
+def test_train_test_divergence_diagnostic_is_logged_and_reported():
+    module = make_module()
+    trainer = make_trainer(limit_val_batches=None)
+    trainer.fit(module, DigitsDataModule(batch_size=32, train_eval_per_class=10))
+    report = module.reports["val"]
+    assert len(module.reports["train_eval"].robust_acc) == 10
+    assert sum(module.reports["train_eval"].class_counts) == 100
+    tau = report.divergence["kendall_tau"]
+    assert -1.0 <= tau <= 1.0
+    assert trainer.callback_metrics["val/robust_acc_kendall_tau_train"].item() == pytest.approx(tau, abs=1e-6)
+    assert "Kendall tau" in report.format_table()
+    assert report.to_dict()["divergence"]["train_robust_acc"] == module.reports["train_eval"].robust_acc
