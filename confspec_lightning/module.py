@@ -33,7 +33,7 @@ from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models.normalize import Normalize
 from confspec_lightning.models.weights import load_backbone_weights
 from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
-from confspec_lightning.reporting import ClasswiseReport, divergence
+from confspec_lightning.reporting import ClasswiseReport
 
 try:  # set by LightningCLI while it instantiates the module (hyperparameters come from the config)
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -346,10 +346,12 @@ class RobustFairLitModule(pl.LightningModule):
         report = self._finish_evaluation("val")
         if len(self.trainer.num_val_batches) > 1:  # the data module also gave a train subset
             train_report = self._finish_evaluation("train_eval", figures=False)
-            report.divergence = divergence(train_report, report)
+            report.divergence = Divergence.from_accuracies(
+                "pgd", train_report.robust_acc, report.robust_acc, train_size=sum(train_report.class_counts)
+            )
             if not self.trainer.sanity_checking:
                 name = "val/robust_acc_kendall_tau_train"
-                self.log(name, report.divergence["kendall_tau"], on_epoch=True, sync_dist=True)
+                self.log(name, report.divergence.kendall_tau, on_epoch=True, sync_dist=True)
 
     def on_test_start(self) -> None:
         if self.trainer.world_size > 1:

@@ -5,34 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from confspec_lightning.evaluation.report import Divergence
+from confspec_lightning.io import atomic_write_text
 
 
 def _nan_to_none(values: list[float]) -> list[float | None]:
@@ -58,7 +39,7 @@ class ClasswiseReport:
     class_counts: list[int]
     confusion: list[list[float]]
     confusion_spectral_norm: float
-    divergence: dict[str, Any] | None = None
+    divergence: Divergence | None = None
 
     @classmethod
     def from_state(
@@ -136,10 +117,10 @@ class ClasswiseReport:
             f"||C||_2 of the robust confusion matrix (per-class error rates): {self.confusion_spectral_norm:.4f}",
         ]
         if self.divergence is not None:
-            tau, train_avg = self.divergence["kendall_tau"], self.divergence["train_robust_acc_avg"]
+            train_avg, _, _, _ = self._summary(self.divergence.train_acc)
             lines.append(
-                f"Kendall tau of per-class robust accuracy, train subset vs {self.stage}: {tau:.3f} "
-                f"(train subset robust avg {100 * train_avg:.2f} %)"
+                f"Kendall tau of per-class robust accuracy, train subset vs {self.stage}: "
+                f"{self.divergence.kendall_tau:.3f} (train subset robust avg {100 * train_avg:.2f} %)"
             )
         return "\n".join(lines)
 
@@ -151,23 +132,11 @@ class ClasswiseReport:
         data["summary"] = {k.split("/", 1)[1]: (None if math.isnan(v) else v) for k, v in self.scalars().items()}
         if self.divergence is not None:
             data["divergence"] = {
-                k: (_nan_to_none(v) if isinstance(v, list) else (None if math.isnan(v) else v))
-                for k, v in self.divergence.items()
+                k: (_nan_to_none(v) if isinstance(v, list) else (None if isinstance(v, float) and math.isnan(v) else v))
+                for k, v in data["divergence"].items()
             }
         return data
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` atomically."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def divergence(train: ClasswiseReport, evaluated: ClasswiseReport) -> dict[str, Any]:
-    """Train/test divergence diagnostic: per-class robust accuracy on a train subset vs an evaluated split.
-
-    Returns the train per-class accuracies, their average, and Kendall's tau-b between the two
-    per-class rankings (1 = the same class order; low = the classes that are robust on training data
-    are not the ones robust on held-out data, the paper's motivation).
-    """
-    tau = CF.kendall_tau(torch.tensor(train.robust_acc), torch.tensor(evaluated.robust_acc))
-    avg, _, _, _ = ClasswiseReport._summary(train.robust_acc)
-    return {"train_robust_acc": list(train.robust_acc), "train_robust_acc_avg": avg, "kendall_tau": float(tau)}

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from confspec_lightning.evaluation.report import EvaluationReport, _cell, _pct, _table
-from confspec_lightning.reporting import atomic_write_text
+from confspec_lightning.io import atomic_write_text
 
 
 def compare_reports(paths: Sequence[str | os.PathLike[str]], names: Sequence[str] | None = None) -> str:

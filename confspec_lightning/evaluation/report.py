@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
-from confspec_lightning.reporting import atomic_write_text
+from confspec_lightning.io import atomic_write_text
 
 CLEAN = "clean"
 FORMAT = "confspec-evaluation/1"
