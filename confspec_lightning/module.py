@@ -296,7 +296,7 @@ class RobustFairLitModule(pl.LightningModule):
         clean.reset()
         robust.reset()
         report = ClasswiseReport.from_state(
-            stage, self.current_epoch, self.attack_description(), self.class_names, clean_acc, errors, counts
+            stage, self._report_epoch(), self.attack_description(), self.class_names, clean_acc, errors, counts
         )
         if self.trainer.sanity_checking:
             return report
@@ -308,6 +308,12 @@ class RobustFairLitModule(pl.LightningModule):
             self._log_figures(report)
         self.reports[stage] = report
         return report
+
+    def _report_epoch(self) -> int:
+        """The training epoch the evaluated weights come from (the checkpoint's, outside fit)."""
+        if self.trainer.state.fn != "fit" and getattr(self, "_checkpoint_epoch", None) is not None:
+            return int(self._checkpoint_epoch)
+        return self.current_epoch
 
     def _log_figures(self, report: ClasswiseReport) -> None:
         if self.global_rank != 0:
@@ -464,6 +470,7 @@ class RobustFairLitModule(pl.LightningModule):
             state[f"{name}.class_counts"] = counts.detach().cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_epoch = checkpoint.get("epoch")  # validate/test report the checkpoint's epoch
         if self._trainer is None or self.global_rank == 0:
             return
         state = checkpoint["state_dict"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -102,7 +103,8 @@ def test_fit_then_test_with_ckpt_path_best(chdir_tmp, capsys):
     build_cli(["test", "--config", cfg, "--ckpt_path", "best", *QUICK])
     out = capsys.readouterr().out
     assert "-> " in out and "best-epoch" in out
-    assert "Per-class accuracy (test split" in out
+    best_epoch = int(re.search(r"best-epoch(\d+)\.ckpt", out).group(1))
+    assert f"Per-class accuracy (test split, epoch {best_epoch};" in out  # the evaluated checkpoint's epoch
     test_dir = chdir_tmp / "runs/digits_trades_csr/version_1"
     evaluation = json.loads((test_dir / "evaluation/evaluation.json").read_text())
     assert list(evaluation["attacks"]) == ["clean", "pgd2", "cw2", "autoattack"]
