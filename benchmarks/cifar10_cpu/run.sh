@@ -16,4 +16,4 @@ for method in scratch_trades scratch_trades_csr; do
 done
 .venv/bin/confspec-compare "$out"/cifar10_scratch_trades/version_1/evaluation/evaluation.json \
   "$out"/cifar10_scratch_trades_csr/version_1/evaluation/evaluation.json \
-  --names "TRADES" "TRADES + CSR" --output benchmarks/cifar10_cpu/RESULTS.md
+  --names "TRADES" "TRADES + CSR" --output benchmarks/cifar10_cpu/compare.md
