@@ -162,17 +162,9 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
             ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``.
         source: ``"archive"``, ``"torchvision"``, or ``"auto"`` (the archive if one is found, else torchvision).
         download: let torchvision download the pickles when they are missing (needs the network).
-        batch_size: training batch size per process.
-        eval_batch_size: validation/test batch size per process.
-        val_per_class: images per class held out from train for validation; None = validate on test.
-        train_per_class: keep this many training images per class (after the hold-out); None = all.
-        test_per_class: keep this many test images per class; None = all.
-        train_eval_per_class: if > 0, a second validation loader of training images (no augmentation).
-        augment: random crop and horizontal flip of training batches.
-        crop_padding: zero padding of the random crop.
-        seed: seed of the held-out splits.
-        shuffle: shuffle the training set every epoch.
-        num_workers: DataLoader workers.
+        **kwargs: the :class:`~confspec_lightning.data.base.ClassificationDataModule` arguments
+            (batch sizes, ``val_per_class``, ``train_per_class``, ``test_per_class``,
+            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``).
     """
 
     num_classes: ClassVar[int] = 10
@@ -193,32 +185,12 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
         root: str = "data/cifar10",
         source: Literal["auto", "torchvision", "archive"] = "auto",
         download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int = 256,
-        val_per_class: int | None = None,
-        train_per_class: int | None = None,
-        test_per_class: int | None = None,
-        train_eval_per_class: int = 0,
-        augment: bool = True,
-        crop_padding: int = 4,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root=root,
             download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_per_class=val_per_class,
-            train_per_class=train_per_class,
-            test_per_class=test_per_class,
-            train_eval_per_class=train_eval_per_class,
-            augment=augment,
-            crop_padding=crop_padding,
-            seed=seed,
-            shuffle=shuffle,
-            num_workers=num_workers,
+            **kwargs,
         )
         check_choice("data.source", source, CIFAR10_SOURCES)
         archive_path = self.root if self.root.suffix == ".npz" else self.root / CIFAR10_ARCHIVE
@@ -269,17 +241,9 @@ class CIFAR100DataModule(_TorchvisionCIFAR):
     Args:
         root: the directory holding ``cifar-100-python/{train,test,meta}`` (torchvision's layout).
         download: let torchvision download the pickles when they are missing (needs the network).
-        batch_size: training batch size per process.
-        eval_batch_size: validation/test batch size per process.
-        val_per_class: images per class held out from train for validation; None = validate on test.
-        train_per_class: keep this many training images per class (after the hold-out); None = all.
-        test_per_class: keep this many test images per class; None = all.
-        train_eval_per_class: if > 0, a second validation loader of training images (no augmentation).
-        augment: random crop and horizontal flip of training batches.
-        crop_padding: zero padding of the random crop.
-        seed: seed of the held-out splits.
-        shuffle: shuffle the training set every epoch.
-        num_workers: DataLoader workers.
+        **kwargs: the :class:`~confspec_lightning.data.base.ClassificationDataModule` arguments
+            (batch sizes, ``val_per_class``, ``train_per_class``, ``test_per_class``,
+            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``).
     """
 
     num_classes: ClassVar[int] = 100
@@ -299,32 +263,12 @@ class CIFAR100DataModule(_TorchvisionCIFAR):
         self,
         root: str = "data/cifar100",
         download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int = 256,
-        val_per_class: int | None = None,
-        train_per_class: int | None = None,
-        test_per_class: int | None = None,
-        train_eval_per_class: int = 0,
-        augment: bool = True,
-        crop_padding: int = 4,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root=root,
             download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_per_class=val_per_class,
-            train_per_class=train_per_class,
-            test_per_class=test_per_class,
-            train_eval_per_class=train_eval_per_class,
-            augment=augment,
-            crop_padding=crop_padding,
-            seed=seed,
-            shuffle=shuffle,
-            num_workers=num_workers,
+            **kwargs,
         )
         self._check_torchvision_files(alternative=" (no offline copy of the CIFAR-100 images exists)")
         self.class_names = self._torchvision_class_names()

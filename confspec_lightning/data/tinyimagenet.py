@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -52,17 +52,9 @@ class TinyImageNetDataModule(ClassificationDataModule):
             ``labels`` indexing ``wnids``, ``class_names``; see ``shared/data/README.md``).
         source: ``"folder"``, ``"archive"``, or ``"auto"`` (the folder layout if ``wnids.txt`` is there,
             since it holds the full train set, else the archives).
-        batch_size: training batch size per process.
-        eval_batch_size: validation/test batch size per process.
-        val_per_class: images per class held out from train for validation; None = validate on test.
-        train_per_class: keep this many training images per class (after the hold-out); None = all.
-        test_per_class: keep this many test images per class; None = all.
-        train_eval_per_class: if > 0, a second validation loader of training images (no augmentation).
-        augment: random crop and horizontal flip of training batches.
-        crop_padding: zero padding of the random crop.
-        seed: seed of the held-out splits.
-        shuffle: shuffle the training set every epoch.
-        num_workers: DataLoader workers.
+        **kwargs: the :class:`~confspec_lightning.data.base.ClassificationDataModule` arguments
+            (batch sizes, ``val_per_class``, ``train_per_class``, ``test_per_class``,
+            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``).
     """
 
     num_classes: ClassVar[int] = 200
@@ -75,30 +67,10 @@ class TinyImageNetDataModule(ClassificationDataModule):
         self,
         root: str = "data/tiny-imagenet-200",
         source: Literal["auto", "folder", "archive"] = "auto",
-        batch_size: int = 128,
-        eval_batch_size: int = 256,
-        val_per_class: int | None = None,
-        train_per_class: int | None = None,
-        test_per_class: int | None = None,
-        train_eval_per_class: int = 0,
-        augment: bool = True,
-        crop_padding: int = 4,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_per_class=val_per_class,
-            train_per_class=train_per_class,
-            test_per_class=test_per_class,
-            train_eval_per_class=train_eval_per_class,
-            augment=augment,
-            crop_padding=crop_padding,
-            seed=seed,
-            shuffle=shuffle,
-            num_workers=num_workers,
+            **kwargs,
         )
         check_choice("data.source", source, TIN_SOURCES)
         self.root = Path(root)
