@@ -8,11 +8,10 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
-from confspec_lightning.evaluation.report import Divergence
+from confspec_lightning.evaluation.report import Divergence, summarize
 from confspec_lightning.io import atomic_write_text
 
 
@@ -66,21 +65,14 @@ class ClasswiseReport:
             confusion_spectral_norm=float(CF.spectral_norm(rates)),
         )
 
-    @staticmethod
-    def _summary(values: list[float]) -> tuple[float, float, float, int]:
-        t = torch.tensor(values, dtype=torch.float64)
-        present = ~t.isnan()
-        if not bool(present.any()):
-            return math.nan, math.nan, math.nan, -1
-        worst_index = int(torch.where(present, t, torch.inf).argmin())
-        best = float(t[present].max())
-        return float(t[present].mean()), float(t[worst_index]), best - float(t[worst_index]), worst_index
+    def _name(self, index: int | None) -> str:
+        return "-" if index is None else self.class_names[index]
 
     def scalars(self) -> dict[str, float]:
         """Headline numbers, named ``<stage>/<metric>`` (the names logged to TensorBoard)."""
         out: dict[str, float] = {}
         for kind, values in (("clean_acc", self.clean_acc), ("robust_acc", self.robust_acc)):
-            avg, worst, spread, _ = self._summary(values)
+            avg, worst, _, spread = summarize(values)
             out[f"{self.stage}/{kind}"] = avg
             out[f"{self.stage}/{kind}_worst"] = worst
             out[f"{self.stage}/{kind}_spread"] = spread
@@ -106,18 +98,18 @@ class ClasswiseReport:
             self.class_names, self.class_counts, self.clean_acc, self.robust_acc, strict=True
         ):
             lines.append(f"{name:<{width}}  {n:>5}  {100 * clean:>8.2f}  {100 * robust:>8.2f}")
-        c_avg, c_worst, c_spread, c_idx = self._summary(self.clean_acc)
-        r_avg, r_worst, r_spread, r_idx = self._summary(self.robust_acc)
+        c_avg, c_worst, c_idx, c_spread = summarize(self.clean_acc)
+        r_avg, r_worst, r_idx, r_spread = summarize(self.robust_acc)
         lines += [
             "-" * (width + 29),
             f"{'avg':<{width}}  {'':>5}  {100 * c_avg:>8.2f}  {100 * r_avg:>8.2f}",
             f"{'worst':<{width}}  {'':>5}  {100 * c_worst:>8.2f}  {100 * r_worst:>8.2f}"
-            f"   (clean: class {self.class_names[c_idx]}, robust: class {self.class_names[r_idx]})",
+            f"   (clean: class {self._name(c_idx)}, robust: class {self._name(r_idx)})",
             f"{'spread':<{width}}  {'':>5}  {100 * c_spread:>8.2f}  {100 * r_spread:>8.2f}",
             f"||C||_2 of the robust confusion matrix (per-class error rates): {self.confusion_spectral_norm:.4f}",
         ]
         if self.divergence is not None:
-            train_avg, _, _, _ = self._summary(self.divergence.train_acc)
+            train_avg, _, _, _ = summarize(self.divergence.train_acc)
             lines.append(
                 f"Kendall tau of per-class robust accuracy, train subset vs {self.stage}: "
                 f"{self.divergence.kendall_tau:.3f} (train subset robust avg {100 * train_avg:.2f} %)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import ClassVar
 
 import numpy as np
@@ -69,8 +69,9 @@ class DigitsDataModule(ClassificationDataModule):
         self.test_fraction = test_fraction
 
     @staticmethod
+    @lru_cache(maxsize=1)
     def load_arrays() -> tuple[np.ndarray, np.ndarray]:
-        """All digits as float32 images (N, 1, 8, 8) in [0, 1] and int64 labels (N,)."""
+        """All digits as float32 images (N, 1, 8, 8) in [0, 1] and int64 labels (N,) (read once; do not modify)."""
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
