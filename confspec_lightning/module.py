@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
 
 from confspec_lightning.attacks import AttackConfig, check_choice, eval_mode
@@ -140,7 +141,18 @@ class RobustFairLitModule(pl.LightningModule):
         for method in self.fairness:
             if not isinstance(method, FairnessMethod):
                 raise TypeError(f"fairness entries must be FairnessMethod instances; got {type(method).__name__}.")
-            method.bind(num_classes)
+            method.bind(num_classes, self.net)
+            missing = [term for term in method.required_terms if term not in self.objective.terms]
+            if missing:
+                raise ValueError(
+                    f"the fairness method {type(method).__name__} needs the loss term(s) {missing}, which the "
+                    f"objective {objective!r} does not have (its terms: {list(self.objective.terms)}); use "
+                    "objective: trades."
+                )
+        # the last epoch whose end-of-epoch fairness hooks ran (in checkpoints, so a resume neither repeats
+        # nor skips them)
+        self.register_buffer("fairness_epoch_end_done", torch.tensor(-1, dtype=torch.long))
+        self._stashed_weights: dict[str, Tensor] | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.eval_seed = eval_seed
@@ -201,10 +213,13 @@ class RobustFairLitModule(pl.LightningModule):
         eps: Tensor | None = None
         step: Tensor | None = None
         for method in self.fairness:
-            method_eps, method_step = method.attack_budget(target)
+            method_eps, method_step = method.attack_budget(target, self.objective.attack_config)
             if method_eps is not None:
                 if eps is not None:
-                    raise ValueError("two fairness methods both set per-sample attack budgets; keep only one.")
+                    raise ValueError(
+                        "two fairness methods both set per-sample attack budgets (e.g. FRL reweight_remargin and "
+                        "CFA classwise_eps); keep only one."
+                    )
                 eps, step = method_eps, method_step
         return self.objective.attack(self.net, x, target, eps=eps, step=step)
 
@@ -242,18 +257,85 @@ class RobustFairLitModule(pl.LightningModule):
                 x, target = trainer.strategy.batch_to_device(batch)
                 yield x, target
 
+    def _validation_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's share (samples rank, rank + W, ...) of the first validation loader's data set, on device.
+
+        No padding, so the shares of all ranks partition the split and summed statistics equal a single
+        process's. Batches go through the data module's device hooks as validation batches (no augmentation).
+        """
+        trainer = self.trainer
+        source = trainer.datamodule if trainer.datamodule is not None else self
+        loaders = source.val_dataloader()
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        dataset = loader.dataset
+        shard = torch.utils.data.Subset(dataset, range(trainer.global_rank, len(dataset), trainer.world_size))
+        shard_loader = torch.utils.data.DataLoader(
+            shard, batch_size=loader.batch_size or 256, shuffle=False, collate_fn=loader.collate_fn
+        )
+        with trainer.precision_plugin.forward_context():
+            for batch in shard_loader:
+                stage = trainer.state.stage
+                trainer.state.stage = RunningStage.VALIDATING
+                try:
+                    x, target = trainer.strategy.batch_to_device(batch)
+                finally:
+                    trainer.state.stage = stage
+                yield x, target
+
+    def _epoch_context(self, epoch: int) -> EpochContext:
+        return EpochContext(
+            model=self.net,
+            train_batches=self._train_batches,
+            validation_batches=self._validation_batches,
+            attack=self.objective.attack_config,
+            objective=self.objective,
+            epoch=epoch,
+        )
+
+    def _log_fairness(self, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            self.log(name, value.float(), on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
+
     def on_train_epoch_start(self) -> None:
         if not self.fairness:
             return
-        context = EpochContext(
-            model=self.net,
-            train_batches=self._train_batches,
-            attack=self.objective.attack_config,
-            epoch=self.current_epoch,
-        )
+        if self.current_epoch > 0:  # resumed from a checkpoint written before the last epoch's end hooks
+            self._fairness_epoch_end(self.current_epoch - 1)
+        context = self._epoch_context(self.current_epoch)
         for method in self.fairness:
-            for name, value in method.on_train_epoch_start(context).items():
-                self.log(name, value.float(), on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
+            self._log_fairness(method.on_train_epoch_start(context))
+
+    def _fairness_epoch_end(self, epoch: int) -> None:
+        """Run the methods' end-of-epoch hooks once per epoch (before its validation), then log their state."""
+        if not self.fairness or int(self.fairness_epoch_end_done) >= epoch:
+            return
+        context = self._epoch_context(epoch)
+        for method in self.fairness:
+            self._log_fairness(method.on_train_epoch_end(context))
+        self.fairness_epoch_end_done.fill_(epoch)
+        if self.num_classes > MAX_CLASSWISE_SCALARS:
+            return
+        for method in self.fairness:
+            for key, values in method.classwise_state().items():
+                self._log_fairness(
+                    {f"{method.name}/{key}/{name}": values[c] for c, name in enumerate(self.class_names)}
+                )
+
+    def on_train_epoch_end(self) -> None:
+        self._fairness_epoch_end(self.current_epoch)
+
+    def _use_evaluation_weights(self) -> None:
+        """Evaluate with a method's weights (CFA's average) where one offers them; the trained ones are kept."""
+        for method in self.fairness:
+            weights = method.evaluation_weights()
+            if weights is not None and self._stashed_weights is None:
+                self._stashed_weights = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+                self.net.load_state_dict(weights)
+
+    def _restore_trained_weights(self) -> None:
+        if self._stashed_weights is not None:
+            self.net.load_state_dict(self._stashed_weights)
+            self._stashed_weights = None
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -343,6 +425,10 @@ class RobustFairLitModule(pl.LightningModule):
         plt.close(heatmap)
 
     def on_validation_epoch_start(self) -> None:
+        trainer = self.trainer
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.is_last_batch:
+            self._fairness_epoch_end(self.current_epoch)  # the epoch's training is over
+        self._use_evaluation_weights()
         self._start_evaluation()
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -358,6 +444,7 @@ class RobustFairLitModule(pl.LightningModule):
             if not self.trainer.sanity_checking:
                 name = "val/robust_acc_kendall_tau_train"
                 self.log(name, report.divergence.kendall_tau, on_epoch=True, sync_dist=True)
+        self._restore_trained_weights()
 
     def on_test_start(self) -> None:
         if self.trainer.world_size > 1:
@@ -368,6 +455,7 @@ class RobustFairLitModule(pl.LightningModule):
             )
 
     def on_test_epoch_start(self) -> None:
+        self._use_evaluation_weights()
         self._start_evaluation()
         self._test_predictions: dict[str, dict[str, list[Tensor]]] = {"test": {}, "train_eval": {}}
 
@@ -436,6 +524,13 @@ class RobustFairLitModule(pl.LightningModule):
             self.log_dict({f"test/{attack}_acc": result.avg, f"test/{attack}_acc_worst": result.worst}, on_epoch=True)
         if divergence is not None:
             self.log("test/robust_acc_kendall_tau_train", divergence.kendall_tau, on_epoch=True)
+        self._restore_trained_weights()
+
+    def on_predict_epoch_start(self) -> None:
+        self._use_evaluation_weights()
+
+    def on_predict_epoch_end(self) -> None:
+        self._restore_trained_weights()
 
     def _run_name(self) -> str:
         logger = self.trainer.logger

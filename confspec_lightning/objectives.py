@@ -111,6 +111,8 @@ class BaseObjective:
 
     name: str = "base"
     attack_objective: AttackObjective = "ce"
+    #: the roles of the per-sample terms it returns
+    terms: tuple[str, ...] = ("ce",)
 
     def __init__(self, attack: AttackConfig) -> None:
         self.attack_config = attack
@@ -151,6 +153,7 @@ class TRADESObjective(BaseObjective):
 
     name = "trades"
     attack_objective: AttackObjective = "trades_kl"
+    terms = ("ce", "kl")
 
     def __init__(self, attack: AttackConfig, beta: float = 6.0) -> None:
         super().__init__(attack)

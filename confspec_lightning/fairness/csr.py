@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from confspec_lightning import functional as CF
 from confspec_lightning.attacks import check_choice, eval_mode
@@ -79,9 +79,9 @@ class CSR(FairnessMethod):
         self.rescale = rescale
         self.normalize = normalize
 
-    def bind(self, num_classes: int) -> None:
+    def bind(self, num_classes: int, model: nn.Module | None = None) -> None:
         """Allocate G (ones) and the confusion accumulator for ``num_classes`` classes."""
-        super().bind(num_classes)
+        super().bind(num_classes, model)
         self.register_buffer("direction", torch.ones(num_classes, num_classes, dtype=torch.float32))
         self.confusion = RobustConfusionMatrix(num_classes, gamma=self.gamma, margin=self.margin)
         self.confusion.persistent(True)

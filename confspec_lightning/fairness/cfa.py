@@ -1,0 +1,192 @@
+"""Class-wise calibrated fair adversarial training (CFA; Wei et al., CVPR 2023).
+
+With R_c the previous epoch's training robust accuracy of class c (the accuracy on the adversarial
+examples training made, summed over ranks), from epoch ``warmup_epochs`` on (method.md section 6):
+
+* class-wise budget: eps_c = (lambda_eps + R_c) eps, step_c = eps_c * (step / eps);
+* class-wise TRADES weight: beta_c = (lambda_beta + R_c) beta, loss (1 - b_c) CE + b_c KL with
+  b_c = beta_c / (1 + beta_c) (only with a base objective that has the KL term);
+* fairness-aware weight averaging (FAWA): after an epoch, if the worst-class PGD-10 accuracy of the
+  trained model on the validation split is >= threshold, average <- decay * average + (1 - decay) * model
+  over the whole state (parameters and float buffers; the first accepted epoch copies the model).
+  Validation, test and predict then use the averaged weights; the trained weights stay in ``net``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from confspec_lightning import functional as CF
+from confspec_lightning.attacks import AttackConfig
+from confspec_lightning.fairness.base import EpochContext, FairnessMethod
+from confspec_lightning.fairness.statistics import classwise_accuracy
+from confspec_lightning.metrics import RobustConfusionMatrix
+from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
+
+
+def cfa_class_eps(robust_acc: Tensor, eps: float, base: float = 0.5) -> Tensor:
+    """eps_c = (base + R_c) eps."""
+    return (base + robust_acc) * eps
+
+
+def cfa_trades_weights(robust_acc: Tensor, beta: float, base: float = 0.5) -> Tensor:
+    """b_c = beta_c / (1 + beta_c), beta_c = (base + R_c) beta: the KL share of (1 - b_c) CE + b_c KL."""
+    beta_c = (base + robust_acc) * beta
+    return beta_c / (1.0 + beta_c)
+
+
+def ema_update(average: dict[str, Tensor], current: dict[str, Tensor], decay: float, first: bool) -> None:
+    """EMA of a state: average <- decay average + (1 - decay) current for float tensors; others (counters) copied."""
+    with torch.no_grad():
+        for key, avg in average.items():
+            value = current[key].detach()
+            if first or not avg.is_floating_point():
+                avg.copy_(value)
+            else:
+                avg.mul_(decay).add_(value.to(avg.dtype), alpha=1.0 - decay)
+
+
+class CFA(FairnessMethod):
+    """CFA: class-wise eps, class-wise TRADES weight, fairness-aware weight averaging (module docstring).
+
+    Args:
+        eps_base: lambda of eps_c = (lambda + R_c) eps (0.5).
+        beta_base: lambda of beta_c = (lambda + R_c) beta (0.5).
+        warmup_epochs: the class-wise calibration starts at this epoch (10 from scratch; 0 for fine-tuning,
+            where it starts once one epoch of statistics exists).
+        classwise_eps: calibrate the training attack's budget per class.
+        classwise_beta: calibrate the TRADES weight per class.
+        weight_average: fairness-aware weight averaging.
+        average_decay: decay of the weight average (0.88).
+        average_threshold: minimum worst-class validation PGD accuracy for an epoch to enter the average (0.2).
+        average_eval_steps: PGD steps of that validation check (10).
+    """
+
+    name = "cfa"
+
+    train_robust_acc: Tensor
+    has_statistics: Tensor
+    average_updates: Tensor
+
+    def __init__(
+        self,
+        eps_base: float = 0.5,
+        beta_base: float = 0.5,
+        warmup_epochs: int = 10,
+        classwise_eps: bool = True,
+        classwise_beta: bool = True,
+        weight_average: bool = True,
+        average_decay: float = 0.88,
+        average_threshold: float = 0.2,
+        average_eval_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        for name, value in (("cfa.eps_base", eps_base), ("cfa.beta_base", beta_base)):
+            if not value >= 0:
+                raise ValueError(f"{name}={value!r} is not accepted; it must be >= 0 (paper: 0.5).")
+        if not 0.0 <= average_decay < 1.0:
+            raise ValueError(f"cfa.average_decay={average_decay!r} is not accepted; it must lie in [0, 1) (0.88).")
+        if not 0.0 <= average_threshold <= 1.0:
+            raise ValueError(
+                f"cfa.average_threshold={average_threshold!r} is not accepted; it must lie in [0, 1] (0.2)."
+            )
+        for name, value, minimum in (
+            ("cfa.warmup_epochs", warmup_epochs, 0),
+            ("cfa.average_eval_steps", average_eval_steps, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= {minimum}.")
+        self.eps_base = eps_base
+        self.beta_base = beta_base
+        self.warmup_epochs = warmup_epochs
+        self.classwise_eps = classwise_eps
+        self.classwise_beta = classwise_beta
+        self.weight_average = weight_average
+        self.average_decay = average_decay
+        self.average_threshold = average_threshold
+        self.average_eval_steps = average_eval_steps
+        self._calibrated = False
+        self._average_keys: dict[str, str] = {}
+
+    def bind(self, num_classes: int, model: nn.Module | None = None) -> None:
+        """R_c (ones until measured), the training-confusion accumulator and the averaged state."""
+        super().bind(num_classes, model)
+        self.register_buffer("train_robust_acc", torch.ones(num_classes, dtype=torch.float64))
+        self.register_buffer("has_statistics", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("average_updates", torch.zeros((), dtype=torch.long))
+        self.train_confusion = RobustConfusionMatrix(num_classes)
+        self.train_confusion.persistent(True)
+        self.average = nn.Module()
+        if self.weight_average:
+            if model is None:
+                raise ValueError("cfa.weight_average needs the model at bind time (RobustFairLitModule passes it).")
+            for key, value in model.state_dict().items():
+                name = key.replace(".", "__")
+                self._average_keys[key] = name
+                self.average.register_buffer(name, torch.zeros_like(value))
+
+    # ------------------------------------------------------------ calibration
+    def on_train_epoch_start(self, context: EpochContext) -> dict[str, Tensor]:
+        """R_c from last epoch's training predictions (summed over ranks); start this epoch's count."""
+        errors, counts = self.train_confusion.synced_state()
+        self.train_confusion.reset()
+        if int(counts.sum()) > 0:
+            self.train_robust_acc.copy_(CF.classwise_accuracy(errors, counts).nan_to_num(1.0))
+            self.has_statistics.fill_(True)
+        self._calibrated = context.epoch >= self.warmup_epochs and bool(self.has_statistics)
+        logs: dict[str, Tensor] = {"cfa/calibrated": torch.tensor(float(self._calibrated))}
+        if bool(self.has_statistics):
+            logs["cfa/train_robust_acc_worst"] = self.train_robust_acc.min()
+        return logs
+
+    def attack_budget(self, target: Tensor, attack: AttackConfig) -> tuple[Tensor | None, Tensor | None]:
+        if not (self._calibrated and self.classwise_eps):
+            return None, None
+        eps = cfa_class_eps(self.train_robust_acc, attack.eps, self.eps_base).float()[target]
+        return eps, eps * (attack.step / attack.eps)
+
+    def loss_adjustment(self, output: ObjectiveOutput, target: Tensor) -> LossAdjustment:
+        beta = output.coefficients.get("kl", 0.0)
+        if not (self._calibrated and self.classwise_beta and "kl" in output.terms and beta > 0):
+            return LossAdjustment()
+        share = cfa_trades_weights(self.train_robust_acc, beta, self.beta_base).float()[target]
+        return LossAdjustment(term_weights={"ce": 1.0 - share, "kl": share / beta})
+
+    def on_train_batch_end(self, output: ObjectiveOutput, target: Tensor) -> None:
+        self.train_confusion.update(output.adv_logits.detach(), target)
+
+    # -------------------------------------------------------- weight averaging
+    def on_train_epoch_end(self, context: EpochContext) -> dict[str, Tensor]:
+        """FAWA: add the trained weights to the average if the worst validation class clears the threshold."""
+        if not self.weight_average:
+            return {}
+        attack = replace(context.attack, steps=self.average_eval_steps)
+        stats = classwise_accuracy(context.model, context.validation_batches(), attack, self.num_classes)
+        worst = stats.robust_acc.min()
+        accepted = bool(worst >= self.average_threshold)
+        if accepted:
+            current = context.model.state_dict()
+            average = {key: self.average.get_buffer(name) for key, name in self._average_keys.items()}
+            ema_update(average, current, self.average_decay, first=int(self.average_updates) == 0)
+            self.average_updates += 1
+        return {"cfa/val_robust_acc_worst": worst, "cfa/average_updated": torch.tensor(float(accepted))}
+
+    def evaluation_weights(self) -> dict[str, Tensor] | None:
+        if not self.weight_average or int(self.average_updates) == 0:
+            return None
+        return {key: self.average.get_buffer(name) for key, name in self._average_keys.items()}
+
+    def classwise_state(self) -> dict[str, Tensor]:
+        state = {"train_robust_acc": self.train_robust_acc.float()}
+        if self._calibrated and self.classwise_eps:
+            state["eps_multiplier"] = (self.eps_base + self.train_robust_acc).float()
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"eps_base={self.eps_base}, beta_base={self.beta_base}, warmup_epochs={self.warmup_epochs}, "
+            f"weight_average={self.weight_average}, average_decay={self.average_decay}"
+        )
