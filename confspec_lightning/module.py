@@ -566,6 +566,8 @@ class RobustFairLitModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_epoch = checkpoint.get("epoch")  # validate/test report the checkpoint's epoch
+        # checkpoints written before the end-of-epoch hooks existed (0.1) lack the counter
+        checkpoint["state_dict"].setdefault("fairness_epoch_end_done", torch.tensor(-1, dtype=torch.long))
         if self._trainer is None or self.global_rank == 0:
             return
         state = checkpoint["state_dict"]

@@ -1,0 +1,387 @@
+"""Fairness methods side by side: one protocol, a list of methods x seeds, one table and one figure.
+
+Every run is a shipped config (``configs/<data set>/<method>.yaml``) plus the protocol's overlay, trained
+with ``confspec fit`` and evaluated with ``confspec test`` (final weights, ``last.ckpt``; CFA evaluates
+its averaged weights) on the protocol's test images: clean, PGD-20, CW-20 and AutoAttack, per class.
+Seeds change the initialisation, the attack noise and the data order; the data split stays fixed, so
+every run is tested on the same images.
+
+    python benchmarks/fairness/run.py --protocol digits                     # 8 methods x seeds 0 1 2
+    python benchmarks/fairness/run.py --protocol cifar10_cpu                # 6 methods x seed 0
+    python benchmarks/fairness/run.py --protocol digits --time-budget 540   # stop after ~9 minutes
+    python benchmarks/fairness/run.py --report-only                         # tables from saved results
+
+Resumable: a finished run (its ``result.json``) is never redone; an interrupted fit resumes from its
+``last.ckpt`` (written every epoch). ``--time-budget`` splits a sweep into chunks for machines with a
+per-command limit: the current step is stopped when the budget runs out and the script exits with
+code 3; run the same command again to continue. Writes ``results.json`` (all protocols),
+``RESULTS.md`` and ``<protocol>_classwise.png`` next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RESULTS_JSON = HERE / "results.json"
+RESULTS_MD = HERE / "RESULTS.md"
+BUDGET_EXIT = 3
+
+LABELS = {
+    "trades": "TRADES",
+    "trades_csr": "TRADES + CSR",
+    "frl_rw": "FRL (RW)",
+    "frl_rwrm": "FRL (RWRM)",
+    "faal": "FAAL",
+    "faal_csr": "FAAL + CSR",
+    "cfa": "CFA",
+    "wat": "WAT",
+}
+
+
+@dataclass
+class Protocol:
+    """How every method of a protocol is trained and evaluated."""
+
+    description: str
+    configs: str  # configs/<configs>/<method>.yaml (prefix included)
+    methods: list[str]
+    seeds: list[int]
+    overlays: list[str] = field(default_factory=list)  # extra --config files, relative to HERE
+    fairness: dict[str, str] = field(default_factory=dict)  # method -> replacement `fairness:` YAML list
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "digits": Protocol(
+        description=(
+            "scikit-learn 8x8 digits (1797 images; 1167 train / 270 validation / 360 test, stratified, split "
+            "seed 0), DigitsCNN width 32, 30 epochs, SGD 0.05 (Nesterov, cosine), batch 64; l_inf eps 0.2, "
+            "training attack 10 steps of 0.05; TRADES beta 6 (FRL: 1.5). The shipped `configs/digits/*.yaml`, "
+            "unchanged except the AutoAttack version (overlay `digits.yaml`: APGD-CE + APGD-T, the two "
+            "strongest parts of the standard ensemble; the full ensemble takes ~2 min per model on a CPU core)."
+        ),
+        configs="digits/",
+        methods=["trades", "trades_csr", "frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"],
+        seeds=[0, 1, 2],
+        overlays=["digits.yaml"],
+    ),
+    "cifar10_cpu": Protocol(
+        description=(
+            "CIFAR-10, reduced to run on 2 CPU cores: the JPEG-q75 archive (`../shared/data/cifar10_q75`), "
+            "200 training images per class, 30 per class held out for validation, 30 test images per class "
+            "(300); a small CNN (DigitsCNN, 3 input channels, width 32); 6 epochs, SGD 0.1 divided by 10 "
+            "at epochs 4 and 5, batch 128; l_inf eps 8/255, training attack 3 steps of 3/255; TRADES beta 6 "
+            "(FRL: 1.5); CFA's calibration from epoch 2 (of 6; 10 of 100 in the full config). The shipped "
+            "`configs/cifar10/scratch_*.yaml` with the overlay `cifar10_cpu.yaml`. AutoAttack: APGD-CE only."
+        ),
+        configs="cifar10/scratch_",
+        methods=["trades", "trades_csr", "frl_rwrm", "faal", "cfa", "wat"],
+        seeds=[0],
+        overlays=["cifar10_cpu.yaml"],
+        fairness={
+            "cfa": "      - class_path: confspec_lightning.fairness.CFA\n        init_args: {warmup_epochs: 2}\n"
+        },
+    ),
+}
+
+
+# ------------------------------------------------------------------- running
+class BudgetExhausted(Exception):
+    """The time budget ran out; the sweep continues on the next invocation."""
+
+
+class Budget:
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+def confspec(args: list[str], log: Path, budget: Budget) -> float:
+    """Run ``python -m confspec_lightning ARGS`` within the budget; its wall time in seconds."""
+    remaining = budget.remaining()
+    if remaining is not None and remaining < 30:
+        raise BudgetExhausted
+    start = time.perf_counter()
+    with log.open("a") as handle:
+        handle.write(f"\n$ confspec {' '.join(args)}\n")
+        handle.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "confspec_lightning", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # Lightning stops at the next step; last.ckpt is the epoch's
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise BudgetExhausted from None
+    if code != 0:
+        raise SystemExit(f"confspec {' '.join(args)} failed (exit {code}); see {log}")
+    return time.perf_counter() - start
+
+
+def common_args(protocol: str, method: str, seed: int, run_dir: Path) -> list[str]:
+    spec = PROTOCOLS[protocol]
+    args = ["--config", str(ROOT / "configs" / f"{spec.configs}{method}.yaml")]
+    for overlay in spec.overlays:
+        args += ["--config", str(HERE / overlay)]
+    if method in spec.fairness:
+        fairness = run_dir / "fairness.yaml"
+        fairness.write_text("model:\n  init_args:\n    fairness:\n" + spec.fairness[method])
+        args += ["--config", str(fairness)]
+    return [
+        *args,
+        f"--seed_everything={seed}",
+        f"--trainer.logger.init_args.save_dir={run_dir.parent}",
+        f"--trainer.logger.init_args.name={run_dir.name}",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, extra: list[str]) -> dict:
+    """Fit (resuming an interrupted fit) and test one method/seed; a finished run is read back."""
+    run_dir = out / protocol / f"{method}_seed{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress_file = run_dir / "progress.json"
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {"fit_seconds": 0.0}
+    log = run_dir / "log.txt"
+    args = common_args(protocol, method, seed, run_dir) + extra
+    last = run_dir / "fit" / "checkpoints" / "last.ckpt"
+    if not progress.get("fit_done"):
+        resume = [f"--ckpt_path={last}"] if last.is_file() else []
+        start = time.perf_counter()
+        try:
+            confspec(["fit", *args, "--trainer.logger.init_args.version=fit", *resume], log, budget)
+        finally:
+            progress["fit_seconds"] += time.perf_counter() - start
+            progress_file.write_text(json.dumps(progress))
+        progress["fit_done"] = True
+        progress_file.write_text(json.dumps(progress))
+    test_seconds = confspec(
+        ["test", *args, "--trainer.logger.init_args.version=test", f"--ckpt_path={last}"], log, budget
+    )
+    evaluation = json.loads((run_dir / "test" / "evaluation" / "evaluation.json").read_text())
+    epochs = json.loads((run_dir / "fit" / "classwise_val.json").read_text()).get("epoch", 0) + 1
+    result = {
+        "protocol": protocol,
+        "method": method,
+        "seed": seed,
+        "fit_seconds": progress["fit_seconds"],
+        "epochs": epochs,
+        "test_seconds": test_seconds,
+        "evaluation": evaluation,
+    }
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ------------------------------------------------------------------ reporting
+def mean_spread(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def attack_columns(results: list[dict]) -> list[str]:
+    names = results[0]["evaluation"]["attacks"]
+    return [a for a in ("clean", "pgd20", "autoattack") if a in names]
+
+
+def table(results: list[dict], methods: list[str]) -> str:
+    attacks = attack_columns(results)
+    titles = {"clean": "clean", "pgd20": "PGD-20", "autoattack": "AutoAttack"}
+    head = ["method", "seeds"]
+    for attack in attacks:
+        head += [f"{titles[attack]} avg", f"{titles[attack]} worst"]
+    head += ["‖C‖₂ (AA)", "train s/epoch (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        runs = [r for r in results if r["method"] == method]
+        if not runs:
+            continue
+        cells = [LABELS.get(method, method), str(len(runs))]
+        for attack in attacks:
+            cells.append(mean_spread([r["evaluation"]["attacks"][attack]["avg"] for r in runs]))
+            cells.append(mean_spread([r["evaluation"]["attacks"][attack]["worst"] for r in runs]))
+        norms = [r["evaluation"]["attacks"][attacks[-1]]["confusion_spectral_norm"] for r in runs]
+        cells.append(f"{statistics.mean(norms):.3f}")
+        cells.append(f"{statistics.median(r['fit_seconds'] / r['epochs'] for r in runs):.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def deltas(results: list[dict], methods: list[str], reference: str = "trades") -> str:
+    """Worst-class and average robust accuracy (last attack) of each method minus the reference's."""
+    attack = attack_columns(results)[-1]
+
+    def mean(method: str, key: str) -> float | None:
+        values = [r["evaluation"]["attacks"][attack][key] for r in results if r["method"] == method]
+        return 100 * statistics.mean(values) if values else None
+
+    lines = [f"| method | Δ worst ({attack}) vs {LABELS[reference]} | Δ avg ({attack}) |", "|---|---|---|"]
+    for method in methods:
+        if method == reference or mean(method, "worst") is None or mean(reference, "worst") is None:
+            continue
+        lines.append(
+            f"| {LABELS.get(method, method)} | {mean(method, 'worst') - mean(reference, 'worst'):+.2f} "
+            f"| {mean(method, 'avg') - mean(reference, 'avg'):+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(results: list[dict], methods: list[str], path: Path, title: str) -> None:
+    """Grouped bars: per-class robust accuracy (the strongest attack run), mean over seeds, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attack = attack_columns(results)[-1]
+    class_names = results[0]["evaluation"]["class_names"]
+    present = [m for m in methods if any(r["method"] == m for r in results)]
+    width = 0.8 / max(len(present), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(class_names) * max(1, len(present) / 4)), 4))
+    for i, method in enumerate(present):
+        runs = [r["evaluation"]["attacks"][attack]["classwise_acc"] for r in results if r["method"] == method]
+        accs = [100 * statistics.mean(values) for values in zip(*runs, strict=True)]
+        positions = [c + (i - (len(present) - 1) / 2) * width for c in range(len(class_names))]
+        ax.bar(positions, accs, width, label=LABELS.get(method, method))
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30 if len(class_names) > 10 else 0)
+    ax.set_ylabel(f"{attack} accuracy (%)")
+    ax.set_title(title)
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(all_results: dict[str, list[dict]], commands: dict[str, str]) -> None:
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    lines = [
+        "# Fairness methods side by side",
+        "",
+        "Produced by `benchmarks/fairness/run.py` (the command under each protocol). Accuracies in %, "
+        "mean ± std over seeds of the final model's per-class accuracy on the test split; *worst* is the "
+        "lowest class accuracy, ‖C‖₂ the spectral norm of the robust confusion matrix (per-class error "
+        "rates) under the last attack column. *train s/epoch* is the fit wall time divided by the epochs "
+        "(validation and the methods' extra passes included). `results.json` holds every run's full "
+        "per-class report.",
+        "",
+    ]
+    for protocol, results in all_results.items():
+        if not results:
+            continue
+        spec = PROTOCOLS[protocol]
+        figure_path = HERE / f"{protocol}_classwise.png"
+        figure(results, spec.methods, figure_path, f"{protocol}: per-class robust accuracy (mean over seeds)")
+        machine_note = results[0].get("machine", machine)
+        lines += [
+            f"## Protocol `{protocol}`",
+            "",
+            spec.description,
+            "",
+            f"Command: `{commands.get(protocol, f'python benchmarks/fairness/run.py --protocol {protocol}')}` "
+            f"on {machine_note} (CPU only).",
+            "",
+            table(results, spec.methods),
+            "",
+            "Difference of the means from TRADES (points):",
+            "",
+            deltas(results, spec.methods),
+            "",
+            f"![per-class robust accuracy]({figure_path.name})",
+            "",
+        ]
+    RESULTS_MD.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="digits")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: the protocol's list")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the protocol's seeds")
+    parser.add_argument("--out", type=Path, default=HERE / "runs", help="run directories (git-ignored)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; exit 3 when spent (resumable)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="one more confspec argument for every run (smoke tests; "
+        "repeatable), e.g. --extra=--trainer.max_epochs=1; such runs are not written to results.json",
+    )
+    args = parser.parse_args()
+    spec = PROTOCOLS[args.protocol]
+    for method in args.methods or []:
+        if method not in LABELS:
+            parser.error(f"--methods: {method!r} is not one of {sorted(LABELS)}")
+
+    stored = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {"protocols": {}, "commands": {}}
+    if not args.report_only:
+        methods = args.methods or spec.methods
+        seeds = args.seeds if args.seeds is not None else spec.seeds
+        budget = Budget(args.time_budget)
+        results = []
+        try:
+            for seed in seeds:
+                for method in methods:
+                    print(f"[{args.protocol}] {method} seed {seed} ...", flush=True)
+                    result = run_one(args.protocol, method, seed, args.out, budget, args.extra)
+                    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+                    results.append(result)
+                    aa = result["evaluation"]["attacks"].get("autoattack", {})
+                    print(
+                        f"[{args.protocol}] {method} seed {seed}: AutoAttack avg "
+                        f"{100 * aa.get('avg', float('nan')):.2f} worst {100 * aa.get('worst', float('nan')):.2f} "
+                        f"(fit {result['fit_seconds']:.0f} s)",
+                        flush=True,
+                    )
+        except BudgetExhausted:
+            print(f"[{args.protocol}] time budget spent; run the same command again to continue.", flush=True)
+            sys.exit(BUDGET_EXIT)
+        if args.extra:
+            print("runs with --extra arguments are not recorded in results.json", flush=True)
+            return
+        kept = [
+            r
+            for r in stored["protocols"].get(args.protocol, [])
+            if (r["method"], r["seed"]) not in {(r2["method"], r2["seed"]) for r2 in results}
+        ]
+        stored["protocols"][args.protocol] = sorted(kept + results, key=lambda r: (r["method"], r["seed"]))
+        command = f"python benchmarks/fairness/run.py --protocol {args.protocol}"
+        if args.methods:
+            command += " --methods " + " ".join(args.methods)
+        if args.seeds is not None:
+            command += " --seeds " + " ".join(map(str, args.seeds))
+        stored["commands"][args.protocol] = command
+        RESULTS_JSON.write_text(json.dumps(stored, indent=1))
+    write_report(stored["protocols"], stored["commands"])
+    print(f"wrote {RESULTS_MD}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
