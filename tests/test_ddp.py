@@ -15,7 +15,8 @@ from conftest import ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
-def run_fit(save_dir, processes: int, source: str) -> tuple[dict, dict]:
+def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) -> tuple[dict, dict]:
+    """Fit digits/pgdat_csr.yaml (or TRADES with the ``fairness`` YAML list) with 1 or 2 processes."""
     global_batch = 32
     args = [
         sys.executable,
@@ -41,10 +42,13 @@ def run_fit(save_dir, processes: int, source: str) -> tuple[dict, dict]:
     ]
     config = save_dir / "csr.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(
-        "model:\n  init_args:\n    fairness:\n      - class_path: confspec_lightning.fairness.CSR\n"
-        f"        init_args: {{confusion_source: {source}}}\n"
-    )
+    if fairness is None:
+        fairness = (
+            f"      - class_path: confspec_lightning.fairness.CSR\n        init_args: {{confusion_source: {source}}}\n"
+        )
+    else:
+        args.append("--model.init_args.objective=trades")
+    config.write_text("model:\n  init_args:\n    fairness:\n" + fairness)
     args += ["--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(args, cwd=save_dir, env=env, capture_output=True, text=True, timeout=600)
@@ -72,3 +76,36 @@ def test_ddp_two_processes_equal_one_process(tmp_path, source):
     for key in ("class_counts", "clean_acc", "robust_acc", "confusion"):
         torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
     assert ddp_report["confusion_spectral_norm"] == pytest.approx(single_report["confusion_spectral_norm"])
+
+
+BASELINE_STACKS = {
+    # FRL (RWRM: validation passes, per-class eps, globally self-normalised weights) + WAT (validation losses)
+    "frl_wat": (
+        "      - class_path: confspec_lightning.fairness.FRL\n        init_args: {tau: 0.0, eval_steps: 3}\n"
+        "      - class_path: confspec_lightning.fairness.WAT\n        init_args: {eta: 1.0}\n"
+    ),
+    # CFA (training statistics, class-wise eps/beta, weight averaging) + FAAL (per-batch global class weights)
+    "cfa_faal": (
+        "      - class_path: confspec_lightning.fairness.CFA\n"
+        "        init_args: {warmup_epochs: 1, average_threshold: 0.0, average_eval_steps: 3}\n"
+        "      - class_path: confspec_lightning.fairness.FAAL\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("stack", list(BASELINE_STACKS))
+def test_ddp_baseline_state_equals_one_process(tmp_path, stack):
+    single_state, single_report = run_fit(tmp_path / "single", 1, "", BASELINE_STACKS[stack])
+    ddp_state, ddp_report = run_fit(tmp_path / "ddp", 2, "", BASELINE_STACKS[stack])
+    keys = [k for k in single_state if k.startswith("fairness.")]
+    assert keys and set(keys) == {k for k in ddp_state if k.startswith("fairness.")}
+    for key in keys:
+        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=key)
+    state = {
+        "frl_wat": ["fairness.0.multiplier_bndy", "fairness.0.multiplier_margin", "fairness.1.cumulative_loss"],
+        "cfa_faal": ["fairness.0.train_robust_acc", "fairness.1.weight_sum"],
+    }[stack]
+    for key in state:  # the state did move (the comparison is not between two initial states)
+        assert single_state[key].abs().sum() > 0, key
+    for key in ("class_counts", "clean_acc", "robust_acc"):
+        torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)

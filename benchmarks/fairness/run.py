@@ -366,6 +366,8 @@ def main() -> None:
         if args.extra:
             print("runs with --extra arguments are not recorded in results.json", flush=True)
             return
+        if RESULTS_JSON.is_file():  # another protocol's sweep may have written it meanwhile
+            stored = json.loads(RESULTS_JSON.read_text())
         kept = [
             r
             for r in stored["protocols"].get(args.protocol, [])

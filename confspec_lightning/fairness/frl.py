@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from confspec_lightning.attacks import AttackConfig, check_choice
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
-from confspec_lightning.fairness.statistics import classwise_accuracy
+from confspec_lightning.fairness.statistics import classwise_accuracy, sum_across_ranks
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
 
 FRLMode = Literal["reweight", "reweight_remargin"]
@@ -56,8 +56,17 @@ def frl_eps_multiplier(margin_multipliers: Tensor, scale: float = 2.0, low: floa
 
 
 def self_normalized(weights: Tensor) -> Tensor:
-    """Per-sample weights W with mean(W * t) = sum(w t) / sum(w): W = B w / sum(w)."""
-    return weights * (weights.numel() / weights.sum().clamp(min=1e-30))
+    """Per-sample weights W with mean(W * t) = sum(w t) / sum(w): W = B w / sum(w).
+
+    Under DDP, B and sum(w) are those of the global batch (summed over ranks), so that the average of the
+    ranks' means is the global sum(w t) / sum(w), as with one process.
+    """
+    totals = sum_across_ranks(
+        torch.stack(
+            [weights.sum().double(), torch.tensor(float(weights.numel()), dtype=torch.float64, device=weights.device)]
+        )
+    )
+    return weights * (totals[1] / totals[0].clamp(min=1e-30)).to(weights.dtype)
 
 
 class FRL(FairnessMethod):
