@@ -309,3 +309,39 @@ def test_methods_under_bf16_mixed(name, chdir_tmp):
             assert value.dtype == torch.float64 and torch.isfinite(value).all(), key
     for values in method.classwise_state().values():
         assert torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize(
+    ("config", "tags"),
+    [
+        ("frl_rwrm", ["frl/weight_nat/0", "frl/weight_bndy/9", "frl/eps_multiplier/3", "frl/val_boundary_error_worst"]),
+        ("faal", ["faal/weight/0", "faal/weight/9"]),
+        ("cfa", ["cfa/train_robust_acc/0", "cfa/average_updated", "cfa/val_robust_acc_worst"]),
+        ("wat", ["wat/weight/0", "wat/weight_average_entry", "wat/val_loss_worst"]),
+    ],
+)
+def test_per_class_state_reaches_tensorboard(config, tags, chdir_tmp):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from confspec_lightning.cli import build_cli
+
+    from conftest import ROOT
+
+    build_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / f"configs/digits/{config}.yaml"),
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--model.init_args.train_attack.steps=2",
+            "--model.init_args.eval_attack.steps=2",
+        ]
+    )
+    (events,) = (chdir_tmp / f"runs/digits_{config}/version_0").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = set(accumulator.Tags()["scalars"])
+    assert set(tags) <= logged, sorted(t for t in logged if t.startswith(config[:3]))
+    assert len(accumulator.Scalars(tags[0])) == 2  # once per epoch

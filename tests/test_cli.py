@@ -27,6 +27,12 @@ QUICK = [
 def test_configs_are_shipped():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     assert {"digits/trades.yaml", "digits/trades_csr.yaml", "digits/pgdat_csr.yaml"} <= names
+    methods = ["frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
+    assert {f"digits/{m}.yaml" for m in methods} <= names  # every baseline on every protocol
+    assert {f"cifar10/scratch_{m}.yaml" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "cfa", "wat"]} <= names
+    assert {
+        f"cifar10/finetune_{m}.yaml" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
+    } <= names
 
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
