@@ -46,6 +46,7 @@ LABELS = {
     "faal": "FAAL",
     "faal_csr": "FAAL + CSR",
     "cfa": "CFA",
+    "cfa_no_fawa": "CFA without FAWA",
     "wat": "WAT",
 }
 
@@ -60,6 +61,7 @@ class Protocol:
     seeds: list[int]
     overlays: list[str] = field(default_factory=list)  # extra --config files, relative to HERE
     fairness: dict[str, str] = field(default_factory=dict)  # method -> replacement `fairness:` YAML list
+    variants: dict[str, str] = field(default_factory=dict)  # method -> the config it changes (with `fairness`)
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -72,9 +74,14 @@ PROTOCOLS: dict[str, Protocol] = {
             "strongest parts of the standard ensemble; the full ensemble takes ~2 min per model on a CPU core)."
         ),
         configs="digits/",
-        methods=["trades", "trades_csr", "frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"],
+        methods=["trades", "trades_csr", "frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "cfa_no_fawa", "wat"],
         seeds=[0, 1, 2],
         overlays=["digits.yaml"],
+        fairness={
+            "cfa_no_fawa": "      - class_path: confspec_lightning.fairness.CFA\n"
+            "        init_args: {warmup_epochs: 3, weight_average: false}\n"
+        },
+        variants={"cfa_no_fawa": "cfa"},
     ),
     "cifar10_cpu": Protocol(
         description=(
@@ -142,7 +149,8 @@ def confspec(args: list[str], log: Path, budget: Budget) -> float:
 
 def common_args(protocol: str, method: str, seed: int, run_dir: Path) -> list[str]:
     spec = PROTOCOLS[protocol]
-    args = ["--config", str(ROOT / "configs" / f"{spec.configs}{method}.yaml")]
+    config = spec.variants.get(method, method)
+    args = ["--config", str(ROOT / "configs" / f"{spec.configs}{config}.yaml")]
     for overlay in spec.overlays:
         args += ["--config", str(HERE / overlay)]
     if method in spec.fairness:
