@@ -62,6 +62,7 @@ class Protocol:
     overlays: list[str] = field(default_factory=list)  # extra --config files, relative to HERE
     fairness: dict[str, str] = field(default_factory=dict)  # method -> replacement `fairness:` YAML list
     variants: dict[str, str] = field(default_factory=dict)  # method -> the config it changes (with `fairness`)
+    base: tuple[str, str] | None = None  # (protocol, method): fine-tune from its seed-0 final weights
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -99,6 +100,20 @@ PROTOCOLS: dict[str, Protocol] = {
         fairness={
             "cfa": "      - class_path: confspec_lightning.fairness.CFA\n        init_args: {warmup_epochs: 2}\n"
         },
+    ),
+    "cifar10_cpu_finetune": Protocol(
+        description=(
+            "The CSR paper's main protocol (fine-tuning a TRADES model for 2 epochs), reduced to 2 CPU cores: "
+            "every method starts from the final TRADES model of the `cifar10_cpu` protocol (seed 0; trained "
+            "first if missing) and is fine-tuned with the shipped `configs/cifar10/finetune_*.yaml` (2 epochs; "
+            "lr 0.001, FAAL 0.01 then 0.001) on the same data, small CNN and 3-step training attack as "
+            "`cifar10_cpu` (overlay `cifar10_cpu_finetune.yaml`). AutoAttack: APGD-CE only."
+        ),
+        configs="cifar10/finetune_",
+        methods=["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"],
+        seeds=[0],
+        overlays=["cifar10_cpu_finetune.yaml"],
+        base=("cifar10_cpu", "trades"),
     ),
 }
 
@@ -177,6 +192,11 @@ def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, ex
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {"fit_seconds": 0.0}
     log = run_dir / "log.txt"
     args = common_args(protocol, method, seed, run_dir) + extra
+    base = PROTOCOLS[protocol].base
+    if base is not None:
+        run_one(base[0], base[1], 0, out, budget, extra)  # the model every method fine-tunes
+        init = out / base[0] / f"{base[1]}_seed0" / "fit" / "checkpoints" / "last.ckpt"
+        args.append(f"--model.init_args.init_weights={init}")
     last = run_dir / "fit" / "checkpoints" / "last.ckpt"
     if not progress.get("fit_done"):
         resume = [f"--ckpt_path={last}"] if last.is_file() else []
