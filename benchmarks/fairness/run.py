@@ -275,8 +275,8 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
         if method == reference or mean(method, "worst") is None or mean(reference, "worst") is None:
             continue
         lines.append(
-            f"| {LABELS.get(method, method)} | {mean(method, 'worst') - mean(reference, 'worst'):+.2f} "
-            f"| {mean(method, 'avg') - mean(reference, 'avg'):+.2f} |"
+            f"| {LABELS.get(method, method)} | {round(mean(method, 'worst') - mean(reference, 'worst'), 2) + 0.0:+.2f} "
+            f"| {round(mean(method, 'avg') - mean(reference, 'avg'), 2) + 0.0:+.2f} |"
         )
     return "\n".join(lines)
 
@@ -316,8 +316,9 @@ def write_report(all_results: dict[str, list[dict]], commands: dict[str, str]) -
         "mean ± std over seeds of the final model's per-class accuracy on the test split; *worst* is the "
         "lowest class accuracy, ‖C‖₂ the spectral norm of the robust confusion matrix (per-class error "
         "rates) under the last attack column. *train s/epoch* is the fit wall time divided by the epochs "
-        "(validation and the methods' extra passes included). `results.json` holds every run's full "
-        "per-class report.",
+        "(validation and the methods' extra passes included); runs used one thread each and several "
+        "sweeps shared the 2 cores, so times are indicative: compare them within a protocol. `results.json` "
+        "holds every run's full per-class report.",
         "",
     ]
     for protocol, results in all_results.items():
