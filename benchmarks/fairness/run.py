@@ -292,7 +292,7 @@ def figure(results: list[dict], methods: list[str], path: Path, title: str) -> N
     class_names = results[0]["evaluation"]["class_names"]
     present = [m for m in methods if any(r["method"] == m for r in results)]
     width = 0.8 / max(len(present), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(class_names) * max(1, len(present) / 4)), 4))
+    fig, ax = plt.subplots(figsize=(min(16, max(8, 1.2 * len(class_names))), 5))
     for i, method in enumerate(present):
         runs = [r["evaluation"]["attacks"][attack]["classwise_acc"] for r in results if r["method"] == method]
         accs = [100 * statistics.mean(values) for values in zip(*runs, strict=True)]
@@ -301,7 +301,7 @@ def figure(results: list[dict], methods: list[str], path: Path, title: str) -> N
     ax.set_xticks(range(len(class_names)), class_names, rotation=30 if len(class_names) > 10 else 0)
     ax.set_ylabel(f"{attack} accuracy (%)")
     ax.set_title(title)
-    ax.legend(ncol=4, fontsize=8)
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
