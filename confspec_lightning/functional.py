@@ -47,10 +47,23 @@ def margin_predictions(logits: Tensor, target: Tensor, gamma: float = 0.0, margi
     return z.argmax(dim=1)
 
 
+def accumulate_confusion_(errors: Tensor, class_counts: Tensor, pred: Tensor, target: Tensor) -> None:
+    """In place: ``errors[pred_k, y_k] += 1`` for every misclassified sample k, ``class_counts[y_k] += 1``.
+
+    O(B) work (1-D ``scatter_add_`` into the flattened (K, K) state: no K x K temporary per batch), no
+    data-dependent shapes, so it never synchronises host and device; deterministic on CUDA.
+    """
+    num_classes = class_counts.shape[0]
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    errors.view(-1).scatter_add_(0, pred * num_classes + target, (pred != target).long())
+    class_counts.scatter_add_(0, target, torch.ones_like(target))
+
+
 def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """(K, K) int64 counts: [i, j] = #samples with prediction i and true class j (diagonal included)."""
-    index = pred.long() * num_classes + target.long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """(K, K) int64 error counts: [i, j] = #samples with prediction i != j and true class j; zero diagonal."""
+    errors = torch.zeros(num_classes, num_classes, dtype=torch.long, device=pred.device)
+    accumulate_confusion_(errors, torch.zeros(num_classes, dtype=torch.long, device=pred.device), pred, target)
+    return errors
 
 
 def _check_inputs(logits: Tensor, target: Tensor, num_classes: int) -> None:
@@ -102,7 +115,7 @@ def confusion_from_predictions(pred: Tensor, target: Tensor, num_classes: int, n
         raise ValueError(
             f"pred and target must be 1-D tensors of the same shape; got {tuple(pred.shape)} and {tuple(target.shape)}."
         )
-    errors = _confusion_counts(pred, target, num_classes).float().fill_diagonal_(0.0)
+    errors = _confusion_counts(pred, target, num_classes).float()
     if normalize:
         errors = errors / counts_per_class(target, num_classes).float().clamp_min(1.0)
     return errors
@@ -110,7 +123,10 @@ def confusion_from_predictions(pred: Tensor, target: Tensor, num_classes: int, n
 
 def counts_per_class(target: Tensor, num_classes: int) -> Tensor:
     """Number of samples of each true class, int64 (K,)."""
-    return torch.bincount(target.long(), minlength=num_classes)
+    target = target.reshape(-1).long()
+    return torch.zeros(num_classes, dtype=torch.long, device=target.device).scatter_add_(
+        0, target, torch.ones_like(target)
+    )
 
 
 def confusion_from_counts(errors: Tensor, class_counts: Tensor, normalize: bool = False) -> Tensor:

@@ -61,9 +61,7 @@ class RobustConfusionMatrix(Metric):
         """Add a batch of logits (B, K) with labels (B,)."""
         CF._check_inputs(logits, target, self.num_classes)
         pred = CF.margin_predictions(logits, target, self.gamma, self.margin)
-        counts = CF._confusion_counts(pred, target, self.num_classes)
-        self.errors += counts.fill_diagonal_(0)
-        self.class_counts += CF.counts_per_class(target, self.num_classes)
+        CF.accumulate_confusion_(self.errors, self.class_counts, pred, target)
 
     def compute(self) -> Tensor:
         """C as float64 (K, K); normalised per true class when ``normalize``."""

@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - older/newer Lightning
 #: Per-class accuracies are logged as TensorBoard scalars up to this many classes (figures always).
 MAX_CLASSWISE_SCALARS = 20
 TestAttack = Literal["pgd", "cw", "autoattack"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TEST_ATTACKS: tuple[str, ...] = ("pgd", "cw", "autoattack")
 #: "train_eval": a stratified subset of the training images (the data module's second validation loader).
 EVAL_STAGES = ("val", "test", "train_eval")
@@ -81,6 +83,14 @@ class RobustFairLitModule(pl.LightningModule):
             Markdown, PNG) in the run directory.
         autoattack_version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square) or ``"custom"``.
         autoattack_attacks: the attack list of the ``"custom"`` version (e.g. ``["apgd-ce", "apgd-t"]``).
+        channels_last: store the network's weights and feed its inputs in ``torch.channels_last`` memory
+            format (NHWC): faster convolutions on tensor-core GPUs under bf16/fp16; numerically the same model.
+        compile: compile the network with ``torch.compile`` (in place, so checkpoint keys do not change); the
+            attack's input gradients, train and eval mode each get their graph. Pays a one-off compile time.
+        compile_mode: ``torch.compile`` mode (``"default"``, ``"reduce-overhead"`` (CUDA graphs),
+            ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``).
+        compile_backend: ``torch.compile`` backend (default ``"inductor"``; ``"aot_eager"`` traces without
+            generating kernels, for debugging).
     """
 
     #: The metric that selects the best checkpoint, and its direction.
@@ -106,6 +116,10 @@ class RobustFairLitModule(pl.LightningModule):
         test_attacks: list[TestAttack] | None = None,
         autoattack_version: AutoAttackVersion = "standard",
         autoattack_attacks: list[str] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: CompileMode = "default",
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -163,6 +177,20 @@ class RobustFairLitModule(pl.LightningModule):
             check_autoattack_options(autoattack_version, autoattack_attacks)
         self.autoattack_version = autoattack_version
         self.autoattack_attacks = autoattack_attacks
+        for name, flag in (("channels_last", channels_last), ("compile", compile)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} is not accepted; it must be true or false.")
+        check_choice("compile_mode", compile_mode, COMPILE_MODES)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if compile and compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"compile_backend={compile_backend!r} is not accepted; choose one of "
+                f"{', '.join(map(repr, torch.compiler.list_backends(exclude_tags=())))}."
+            )
+        self.compile_mode: CompileMode | None = compile_mode if compile else None
+        self.compile_backend = compile_backend
         self.eval_metrics = nn.ModuleDict(
             {
                 f"{stage}_{kind}": RobustConfusionMatrix(num_classes)
@@ -207,6 +235,18 @@ class RobustFairLitModule(pl.LightningModule):
                 ) from error
             self.check_logits(logits)
 
+    def configure_model(self) -> None:
+        """Compile the network in place (``compile``) once, before the strategy wraps it."""
+        if self.compile_mode is not None and getattr(self.net, "_compiled_call_impl", None) is None:
+            options = {"mode": self.compile_mode} if self.compile_backend == "inductor" else {}
+            self.net.compile(backend=self.compile_backend, **options)
+
+    def format_input(self, x: Tensor) -> Tensor:
+        """The batch in the network's memory format (``channels_last`` for 4-D images when enabled)."""
+        if self.memory_format is torch.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     # --------------------------------------------------------------- training
     def generate_adversarial(self, x: Tensor, target: Tensor) -> Tensor:
         """The training attack (the base objective's), with per-sample budgets from fairness methods."""
@@ -233,6 +273,7 @@ class RobustFairLitModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, target = batch
+        x = self.format_input(x)
         x_adv = self.generate_adversarial(x, target)
         output = self.compute_objective(x, x_adv, target)
         self.check_logits(output.adv_logits)
@@ -255,7 +296,7 @@ class RobustFairLitModule(pl.LightningModule):
         with trainer.precision_plugin.forward_context():
             for batch in batches:
                 x, target = trainer.strategy.batch_to_device(batch)
-                yield x, target
+                yield self.format_input(x), target
 
     def _validation_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's share (samples rank, rank + W, ...) of the first validation loader's data set, on device.
@@ -280,7 +321,7 @@ class RobustFairLitModule(pl.LightningModule):
                     x, target = trainer.strategy.batch_to_device(batch)
                 finally:
                     trainer.state.stage = stage
-                yield x, target
+                yield self.format_input(x), target
 
     def _epoch_context(self, epoch: int) -> EpochContext:
         return EpochContext(
@@ -361,6 +402,7 @@ class RobustFairLitModule(pl.LightningModule):
 
     def _evaluate_batch(self, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
         x, target = batch
+        x = self.format_input(x)
         clean_logits = self.net(x)
         self.check_logits(clean_logits)
         adv_logits = self.net(self.evaluation_attack(x, target))

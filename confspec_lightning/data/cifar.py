@@ -164,7 +164,8 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
         download: let torchvision download the pickles when they are missing (needs the network).
         **kwargs: the :class:`~confspec_lightning.data.base.ClassificationDataModule` arguments
             (batch sizes, ``val_per_class``, ``train_per_class``, ``test_per_class``,
-            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``).
+            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``,
+            ``on_device``).
     """
 
     num_classes: ClassVar[int] = 10
@@ -243,7 +244,8 @@ class CIFAR100DataModule(_TorchvisionCIFAR):
         download: let torchvision download the pickles when they are missing (needs the network).
         **kwargs: the :class:`~confspec_lightning.data.base.ClassificationDataModule` arguments
             (batch sizes, ``val_per_class``, ``train_per_class``, ``test_per_class``,
-            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``).
+            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``,
+            ``on_device``).
     """
 
     num_classes: ClassVar[int] = 100

@@ -29,6 +29,8 @@ class DigitsDataModule(ClassificationDataModule):
         train_eval_per_class: if > 0, a second validation loader with this many training images per
             class (train/test divergence diagnostic).
         num_workers: DataLoader workers (0 is fastest for this in-memory data).
+        on_device: keep the training split on the accelerator, batches gathered there (see
+            :class:`~confspec_lightning.data.base.ClassificationDataModule`).
     """
 
     num_classes: ClassVar[int] = 10
@@ -47,6 +49,7 @@ class DigitsDataModule(ClassificationDataModule):
         shuffle: bool = True,
         train_eval_per_class: int = 0,
         num_workers: int = 0,
+        on_device: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -56,6 +59,7 @@ class DigitsDataModule(ClassificationDataModule):
             seed=seed,
             shuffle=shuffle,
             num_workers=num_workers,
+            on_device=on_device,
         )
         for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:

@@ -54,7 +54,8 @@ class TinyImageNetDataModule(ClassificationDataModule):
             since it holds the full train set, else the archives).
         **kwargs: the :class:`~confspec_lightning.data.base.ClassificationDataModule` arguments
             (batch sizes, ``val_per_class``, ``train_per_class``, ``test_per_class``,
-            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``).
+            ``train_eval_per_class``, ``augment``, ``crop_padding``, ``seed``, ``shuffle``, ``num_workers``,
+            ``on_device``).
     """
 
     num_classes: ClassVar[int] = 200
