@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-digits clean
+.PHONY: demo test lint bench-digits bench-fairness clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: lint
 
 bench-digits: $(STAMP)
 	$(BIN)/python benchmarks/digits/run.py
+
+bench-fairness: $(STAMP)
+	$(BIN)/python benchmarks/fairness/run.py --protocol digits
 
 clean:
 	rm -rf $(VENV) runs lightning_logs

@@ -21,6 +21,8 @@ code 3; run the same command again to continue. Writes ``results.json`` (all pro
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -116,6 +118,38 @@ PROTOCOLS: dict[str, Protocol] = {
         base=("cifar10_cpu", "trades"),
     ),
 }
+
+
+# ------------------------------------------------------------------- results
+@contextlib.contextmanager
+def locked_results():
+    """Exclusive access to ``results.json`` (sweeps of several protocols may run at once)."""
+    with (HERE / ".results.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {"protocols": {}, "commands": {}}
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def recorded_runs(protocol: str) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> result of the runs of ``protocol`` already in ``results.json``."""
+    with locked_results() as stored:
+        return {(r["method"], r["seed"]): r for r in stored["protocols"].get(protocol, [])}
+
+
+def record(protocol: str, result: dict) -> None:
+    """Add one finished run to ``results.json`` (atomically) and rewrite ``RESULTS.md``: a sweep cut short
+    still leaves every finished run on record, and a fresh checkout resumes from it."""
+    from confspec_lightning.io import atomic_write_text
+
+    with locked_results() as stored:
+        runs = stored["protocols"].get(protocol, [])
+        runs = [r for r in runs if (r["method"], r["seed"]) != (result["method"], result["seed"])] + [result]
+        stored["protocols"][protocol] = sorted(runs, key=lambda r: (r["method"], r["seed"]))
+        stored["commands"][protocol] = f"python benchmarks/fairness/run.py --protocol {protocol}"
+        atomic_write_text(RESULTS_JSON, json.dumps(stored, indent=1))
+        write_report(stored["protocols"], stored["commands"])
 
 
 # ------------------------------------------------------------------- running
@@ -334,7 +368,9 @@ def write_report(all_results: dict[str, list[dict]], commands: dict[str, str]) -
             spec.description,
             "",
             f"Command: `{commands.get(protocol, f'python benchmarks/fairness/run.py --protocol {protocol}')}` "
-            f"on {machine_note} (CPU only).",
+            f"on {machine_note} (CPU only). Runs on record: {len(results)} of the "
+            f"{len(spec.methods) * len(spec.seeds)} planned ({len(spec.methods)} methods x seeds "
+            f"{', '.join(map(str, spec.seeds))}); rerunning the command completes the sweep.",
             "",
             table(results, spec.methods),
             "",
@@ -369,48 +405,39 @@ def main() -> None:
         if method not in LABELS:
             parser.error(f"--methods: {method!r} is not one of {sorted(LABELS)}")
 
-    stored = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {"protocols": {}, "commands": {}}
-    if not args.report_only:
-        methods = args.methods or spec.methods
-        seeds = args.seeds if args.seeds is not None else spec.seeds
-        budget = Budget(args.time_budget)
-        results = []
-        try:
-            for seed in seeds:
-                for method in methods:
-                    print(f"[{args.protocol}] {method} seed {seed} ...", flush=True)
-                    result = run_one(args.protocol, method, seed, args.out, budget, args.extra)
-                    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
-                    results.append(result)
-                    aa = result["evaluation"]["attacks"].get("autoattack", {})
-                    print(
-                        f"[{args.protocol}] {method} seed {seed}: AutoAttack avg "
-                        f"{100 * aa.get('avg', float('nan')):.2f} worst {100 * aa.get('worst', float('nan')):.2f} "
-                        f"(fit {result['fit_seconds']:.0f} s)",
-                        flush=True,
-                    )
-        except BudgetExhausted:
-            print(f"[{args.protocol}] time budget spent; run the same command again to continue.", flush=True)
-            sys.exit(BUDGET_EXIT)
-        if args.extra:
-            print("runs with --extra arguments are not recorded in results.json", flush=True)
-            return
-        if RESULTS_JSON.is_file():  # another protocol's sweep may have written it meanwhile
-            stored = json.loads(RESULTS_JSON.read_text())
-        kept = [
-            r
-            for r in stored["protocols"].get(args.protocol, [])
-            if (r["method"], r["seed"]) not in {(r2["method"], r2["seed"]) for r2 in results}
-        ]
-        stored["protocols"][args.protocol] = sorted(kept + results, key=lambda r: (r["method"], r["seed"]))
-        command = f"python benchmarks/fairness/run.py --protocol {args.protocol}"
-        if args.methods:
-            command += " --methods " + " ".join(args.methods)
-        if args.seeds is not None:
-            command += " --seeds " + " ".join(map(str, args.seeds))
-        stored["commands"][args.protocol] = command
-        RESULTS_JSON.write_text(json.dumps(stored, indent=1))
-    write_report(stored["protocols"], stored["commands"])
+    if args.report_only:
+        with locked_results() as stored:
+            write_report(stored["protocols"], stored["commands"])
+        print(f"wrote {RESULTS_MD}", flush=True)
+        return
+    methods = args.methods or spec.methods
+    seeds = args.seeds if args.seeds is not None else spec.seeds
+    budget = Budget(args.time_budget)
+    done = {} if args.extra else recorded_runs(args.protocol)
+    try:
+        for seed in seeds:
+            for method in methods:
+                if (method, seed) in done:
+                    print(f"[{args.protocol}] {method} seed {seed}: on record in results.json", flush=True)
+                    continue
+                print(f"[{args.protocol}] {method} seed {seed} ...", flush=True)
+                result = run_one(args.protocol, method, seed, args.out, budget, args.extra)
+                result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+                aa = result["evaluation"]["attacks"].get("autoattack", {})
+                print(
+                    f"[{args.protocol}] {method} seed {seed}: AutoAttack avg "
+                    f"{100 * aa.get('avg', float('nan')):.2f} worst {100 * aa.get('worst', float('nan')):.2f} "
+                    f"(fit {result['fit_seconds']:.0f} s)",
+                    flush=True,
+                )
+                if not args.extra:
+                    record(args.protocol, result)
+    except BudgetExhausted:
+        print(f"[{args.protocol}] time budget spent; run the same command again to continue.", flush=True)
+        sys.exit(BUDGET_EXIT)
+    if args.extra:
+        print("runs with --extra arguments are not recorded in results.json", flush=True)
+        return
     print(f"wrote {RESULTS_MD}", flush=True)
 
 
