@@ -240,6 +240,11 @@ def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, ex
         finally:
             progress["fit_seconds"] += time.perf_counter() - start
             progress_file.write_text(json.dumps(progress))
+        if not (run_dir / "fit" / "classwise_val.json").is_file():  # written by on_fit_end only
+            raise SystemExit(
+                f"confspec fit exited without finishing training (interrupted, e.g. by SIGTERM?); see {log}. "
+                "Run the same command again to resume from last.ckpt."
+            )
         progress["fit_done"] = True
         progress_file.write_text(json.dumps(progress))
     test_seconds = confspec(
