@@ -21,7 +21,9 @@ Properties every caller can rely on:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import numbers
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,8 +39,39 @@ ATTACK_OBJECTIVES: tuple[str, ...] = ("ce", "cw", "trades_kl")
 
 def check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
     """Raise a ``ValueError`` naming ``name``, the bad ``value`` and the accepted strings."""
-    if value not in accepted:
+    if not isinstance(value, str) or value not in accepted:
         raise ValueError(f"{name}={value!r} is not accepted; choose one of {', '.join(map(repr, accepted))}.")
+
+
+def check_real(name: str, value: object, ok: Callable[[float], bool], accepted: str) -> None:
+    """Reject ``value`` unless it is a finite real number with ``ok(value)``; the error names ``name`` and the value.
+
+    Args:
+        name: the config field, e.g. ``"csr.alpha"``.
+        value: the value given.
+        ok: predicate on the (finite) value.
+        accepted: what is accepted, e.g. ``"in [0, 1] (code default 0.3)"``.
+
+    Raises:
+        TypeError: ``value`` is not a real number (booleans and strings included).
+        ValueError: ``value`` is NaN, infinite or fails ``ok``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} is not accepted; it must be a finite real number {accepted}.")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name}={value!r} is not accepted; it must be a finite number {accepted}.")
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Reject ``value`` unless it is an integer (not a bool) >= ``minimum``, naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= {minimum}.")
+
+
+def check_bool(name: str, value: object) -> None:
+    """Reject ``value`` unless it is ``True`` or ``False``, naming ``name`` and the value."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not accepted; it must be true or false.")
 
 
 @dataclass(frozen=True)
@@ -62,12 +95,10 @@ class AttackConfig:
 
     def __post_init__(self) -> None:
         check_choice("attack.norm", self.norm, NORMS)
-        if not self.eps > 0:
-            raise ValueError(f"attack.eps={self.eps!r} is not accepted; it must be > 0 (pixel units, e.g. 8/255).")
-        if not self.step > 0:
-            raise ValueError(f"attack.step={self.step!r} is not accepted; it must be > 0 (e.g. 2/255).")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"attack.steps={self.steps!r} is not accepted; it must be an integer >= 1.")
+        check_real("attack.eps", self.eps, lambda v: v > 0, "> 0 (pixel units, e.g. 8/255)")
+        check_real("attack.step", self.step, lambda v: v > 0, "> 0 (e.g. 2/255)")
+        check_int("attack.steps", self.steps, 1)
+        check_bool("attack.random_start", self.random_start)
 
     def perturb(
         self,

@@ -11,19 +11,26 @@
 * ``--ckpt_path best|last`` in a new process resolves to the newest earlier run of the same logger
   directory, so ``test`` after ``fit`` works as written above and ``fit --ckpt_path last`` resumes
   (the resumed run logs into a new ``version_N`` directory);
-* the parsed config is saved with every run next to its TensorBoard logs.
+* the parsed config is saved with every run next to its TensorBoard logs;
+* every checkpoint is written atomically (:class:`~confspec_lightning.checkpointing.AtomicCheckpointIO`
+  is added to ``trainer.plugins`` unless the user gives a checkpoint IO plugin of their own);
+* a ``preemption`` section configures :class:`~confspec_lightning.checkpointing.PreemptionCheckpoint`:
+  SIGTERM / SIGUSR1 save ``last.ckpt`` at the next batch end and exit with status 75
+  (``--preemption.exit_code``), and ``fit --ckpt_path last`` resumes exactly there.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from confspec_lightning import __version__
+from confspec_lightning.checkpointing import PreemptionCheckpoint, with_atomic_checkpoint_io
 from confspec_lightning.module import RobustFairLitModule
 
 
@@ -58,6 +65,8 @@ class ConfspecCLI(LightningCLI):
         # epoch (Lightning >= 2.6 refreshes a save_last=True checkpoint only when a top-k one was written).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        # SIGTERM/SIGUSR1: save last.ckpt at the next batch end, exit 75; `--preemption.signals []` turns it off
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.set_defaults(
             {
                 "checkpoint.monitor": RobustFairLitModule.monitor,
@@ -76,8 +85,18 @@ class ConfspecCLI(LightningCLI):
         parser.link_arguments("data.mean", "model.init_args.input_mean", apply_on="instantiate")
         parser.link_arguments("data.std", "model.init_args.input_std", apply_on="instantiate")
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # atomic checkpoint writes by default, whatever other plugins the user lists
+        config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
+        return super()._instantiate_trainer(config, callbacks)
+
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]
+        # Lightning 2.6 hands weights_only=None to torch.load, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into
+        # an unpickling load: make it explicit (a checkpoint from elsewhere never runs code; `--weights_only
+        # false` opts out for a trusted file)
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
         which = config.get("ckpt_path")
         if which not in ("best", "last") or self.trainer.checkpoint_callback is None:
             return

@@ -11,7 +11,9 @@ ICLR 2025 (arXiv 2501.13273); the behaviour follows the project's ``method.md`` 
 * :func:`spectral_norm`, :func:`classwise_error`, :func:`classwise_accuracy` - summaries of C.
 * :func:`kendall_tau` - Kendall's tau-b rank correlation (train/test divergence diagnostic).
 
-All functions are pure torch, run on the tensors' device and never synchronise host and device.
+All functions are pure torch and run on the tensors' device. The per-batch ones never synchronise host
+and device; :func:`spectral_direction` (once per epoch) checks its input's values, and label ranges are
+checked for CPU tensors only (on an accelerator that check would cost a synchronisation per batch).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from confspec_lightning.attacks import check_choice
+from confspec_lightning.attacks import check_choice, check_int, check_real
 
 Margin = Literal["relative", "additive"]
 MARGINS: tuple[str, ...] = ("relative", "additive")
@@ -36,6 +38,7 @@ def margin_predictions(logits: Tensor, target: Tensor, gamma: float = 0.0, margi
     With gamma = 0 both are the plain argmax.
     """
     check_choice("margin", margin, MARGINS)
+    check_real("gamma", gamma, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     if gamma == 0.0:
         return logits.argmax(dim=1)
     z = logits.detach().float()
@@ -66,11 +69,32 @@ def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     return errors
 
 
+def _check_labels(name: str, labels: Tensor, num_classes: int) -> None:
+    """Integer dtype (bool excluded); values in [0, K) checked for CPU tensors (no sync on accelerators)."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a tensor of class indices; got {type(labels).__name__} {labels!r}.")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must hold integer class indices; got dtype={labels.dtype}.")
+    if labels.device.type == "cpu" and labels.numel() > 0:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{name} holds the class index {bad!r}, outside [0, num_classes={num_classes}) (values {low}..{high})."
+            )
+
+
 def _check_inputs(logits: Tensor, target: Tensor, num_classes: int) -> None:
+    check_int("num_classes", num_classes, 1)
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        what = f"dtype={logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise TypeError(f"logits must be a floating-point tensor (batch, num_classes); got {what}.")
     if logits.ndim != 2 or logits.shape[1] != num_classes:
         raise ValueError(f"logits must have shape (batch, num_classes={num_classes}); got {tuple(logits.shape)}.")
-    if target.shape != logits.shape[:1]:
-        raise ValueError(f"target must have shape ({logits.shape[0]},); got {tuple(target.shape)}.")
+    if not isinstance(target, Tensor) or target.shape != logits.shape[:1]:
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"target must have shape ({logits.shape[0]},); got {shape}.")
+    _check_labels("target", target, num_classes)
 
 
 def robust_confusion_matrix(
@@ -111,10 +135,13 @@ def confusion_from_predictions(pred: Tensor, target: Tensor, num_classes: int, n
     Returns:
         float32 tensor (K, K).
     """
+    check_int("num_classes", num_classes, 1)
     if pred.ndim != 1 or pred.shape != target.shape:
         raise ValueError(
             f"pred and target must be 1-D tensors of the same shape; got {tuple(pred.shape)} and {tuple(target.shape)}."
         )
+    _check_labels("pred", pred, num_classes)
+    _check_labels("target", target, num_classes)
     errors = _confusion_counts(pred, target, num_classes).float()
     if normalize:
         errors = errors / counts_per_class(target, num_classes).float().clamp_min(1.0)
@@ -143,13 +170,26 @@ def spectral_direction(confusion: Tensor, rescale: bool = True) -> Tensor:
     C = U S V^T in float64; u1, v1 are taken non-negative (Perron-Frobenius: C >= 0), so G >= 0.
     With ``rescale`` (authors' code): G <- 2 (G - min G) / (max G - min G) + 0.01, in [0.01, 2.01].
     Guard: if C has no errors, or max G == min G (to 1e-9 relative), G = all ones. G is returned detached (a constant).
+    C is divided by its largest entry before the SVD (G does not change; huge counts cannot overflow).
 
     Returns:
         float64 tensor (K, K).
+
+    Raises:
+        ValueError: C is not square, or has a NaN, infinite or negative entry (one host-device sync).
     """
-    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise ValueError(f"confusion must be a square (K, K) matrix; got shape {tuple(confusion.shape)}.")
+    if not isinstance(confusion, Tensor) or confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        shape = tuple(confusion.shape) if isinstance(confusion, Tensor) else type(confusion).__name__
+        raise ValueError(f"confusion must be a square (K, K) matrix; got shape {shape}.")
+    if confusion.shape[0] == 0:
+        raise ValueError("confusion must be a square (K, K) matrix with K >= 1; got shape (0, 0).")
     c = confusion.detach().to(torch.float64)
+    if not bool((torch.isfinite(c) & (c >= 0)).all()):
+        bad = c[~(torch.isfinite(c) & (c >= 0))][0].item()
+        raise ValueError(
+            f"confusion holds the entry {bad!r}; a confusion matrix needs finite, non-negative entries (error counts)."
+        )
+    c = c / torch.where(c.max() > 0, c.max(), 1.0)
     u, _, vh = torch.linalg.svd(c)
     direction = torch.outer(u[:, 0].abs(), vh[0, :].abs())
     ones = torch.ones_like(direction)
@@ -170,6 +210,10 @@ def csr_weights(direction: Tensor, adv_logits: Tensor, target: Tensor, include_d
     Returns:
         detached float32 tensor (B,).
     """
+    if not isinstance(direction, Tensor) or direction.ndim != 2 or direction.shape[0] != direction.shape[1]:
+        shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
+        raise ValueError(f"direction must be a square (K, K) matrix; got shape {shape}.")
+    _check_inputs(adv_logits, target, direction.shape[0])
     pred = adv_logits.detach().argmax(dim=1)
     weights = direction.to(device=adv_logits.device, dtype=torch.float32)[pred, target]
     if not include_diagonal:

@@ -26,13 +26,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, check_choice, eval_mode
+from confspec_lightning.attacks import AttackConfig, check_bool, check_choice, check_int, check_real, eval_mode
 from confspec_lightning.evaluation.autoattack import AutoAttackVersion, autoattack_predictions, check_autoattack_options
 from confspec_lightning.evaluation.report import Divergence, EvaluationReport
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models.normalize import Normalize
-from confspec_lightning.models.weights import load_backbone_weights
+from confspec_lightning.models.weights import load_backbone_weights, load_error, raised_by_torch_load
 from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
 from confspec_lightning.reporting import ClasswiseReport
 
@@ -41,6 +41,8 @@ try:  # set by LightningCLI while it instantiates the module (hyperparameters co
 except ImportError:  # pragma: no cover - older/newer Lightning
     _given_hyperparameters = None
 
+#: Upper bound of num_classes: a typo such as 1e9 would otherwise try to allocate K x K statistics.
+MAX_NUM_CLASSES = 100_000
 #: Per-class accuracies are logged as TensorBoard scalars up to this many classes (figures always).
 MAX_CLASSWISE_SCALARS = 20
 TestAttack = Literal["pgd", "cw", "autoattack"]
@@ -51,9 +53,37 @@ TEST_ATTACKS: tuple[str, ...] = ("pgd", "cw", "autoattack")
 EVAL_STAGES = ("val", "test", "train_eval")
 
 
-def _attack_config(value: AttackConfig | dict[str, Any]) -> AttackConfig:
+def _attack_config(name: str, value: AttackConfig | dict[str, Any]) -> AttackConfig:
     """Accept an AttackConfig or a dict of its fields (as stored in checkpoints' hyperparameters)."""
-    return AttackConfig(**value) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        try:
+            return AttackConfig(**value)
+        except TypeError as error:
+            raise ValueError(
+                f"{name}={value!r} is not accepted; its fields are norm, eps, step, steps, random_start ({error})."
+            ) from error
+    if not isinstance(value, AttackConfig):
+        raise TypeError(f"{name}={value!r} is not accepted; it must be an AttackConfig or a dict of its fields.")
+    return value
+
+
+def _check_channel_values(name: str, values: list[float], positive: bool) -> None:
+    """``input_mean`` / ``input_std``: a non-empty list of finite numbers (> 0 for the std)."""
+    if isinstance(values, str | bytes) or not isinstance(values, list | tuple) or len(values) == 0:
+        raise ValueError(
+            f"{name}={values!r} is not accepted; it must be a non-empty list of numbers (one per channel)."
+        )
+    for i, value in enumerate(values):
+        check_real(
+            f"{name}[{i}]", value, (lambda v: v > 0) if positive else (lambda v: True), "> 0" if positive else ""
+        )
+
+
+NONFINITE_HINT = (
+    "what to try: a lower learning rate (model.init_args.optimizer.init_args.lr), precision bf16-mixed instead of "
+    "16-mixed, gradient clipping (trainer.gradient_clip_val), smaller fairness-method rates, and a check of the data "
+    "for NaN/inf inputs"
+)
 
 
 class RobustFairLitModule(pl.LightningModule):
@@ -96,6 +126,13 @@ class RobustFairLitModule(pl.LightningModule):
     #: The metric that selects the best checkpoint, and its direction.
     monitor = "val/robust_acc_worst"
     mode = "max"
+    #: How often (in training steps) the loss and its terms are checked for NaN/inf. Every step computes a
+    #: device-side flag; on the CPU it is always read at once. With 1 (default) a non-finite step raises in
+    #: ``training_step``, before ``backward``, so it never reaches the optimizer (on an accelerator this
+    #: reads one flag per step, as Lightning's progress bar already does for ``train/loss``). With N > 1 an
+    #: accelerator is read every N steps only (no per-step host-device sync), and up to N - 1 bad steps may
+    #: already have updated the weights when it raises; the error names the first bad step.
+    nonfinite_check_interval: int = 1
 
     def __init__(
         self,
@@ -122,13 +159,26 @@ class RobustFairLitModule(pl.LightningModule):
         compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes={num_classes!r} is not accepted; it must be an integer >= 2.")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_NUM_CLASSES:
+            raise ValueError(
+                f"num_classes={num_classes!r} is not accepted; it must be an integer in [2, {MAX_NUM_CLASSES}] "
+                "(per-class state and the K x K confusion statistics grow with it)."
+            )
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module; got {type(backbone).__name__}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}.")
-        train_attack, eval_attack = _attack_config(train_attack), _attack_config(eval_attack)
+        train_attack = _attack_config("train_attack", train_attack)
+        eval_attack = _attack_config("eval_attack", eval_attack)
+        check_int("eval_seed", eval_seed, 0)
+        for name, values, positive in (("input_mean", input_mean, False), ("input_std", input_std, True)):
+            if values is not None:
+                _check_channel_values(name, values, positive)
+        if input_mean is not None and input_std is not None and len(input_mean) != len(input_std):
+            raise ValueError(
+                f"input_mean={input_mean!r} and input_std={input_std!r} are not accepted; they must have one entry "
+                "per channel each (the same length)."
+            )
         via_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=[] if via_cli else ["backbone", "fairness", "optimizer", "scheduler"])
         # plain values only, so that checkpoints load with torch.load(weights_only=True)
@@ -141,7 +191,10 @@ class RobustFairLitModule(pl.LightningModule):
         normalize: nn.Module = nn.Identity()
         if input_mean is not None or input_std is not None:
             if input_mean is None or input_std is None:
-                raise ValueError("give both input_mean and input_std, or neither.")
+                raise ValueError(
+                    f"input_mean={input_mean!r} and input_std={input_std!r} are not accepted; give both (one entry "
+                    "per channel) or neither."
+                )
             normalize = Normalize(input_mean, input_std)
         if init_weights is not None:
             load_backbone_weights(backbone, init_weights)
@@ -178,8 +231,7 @@ class RobustFairLitModule(pl.LightningModule):
         self.autoattack_version = autoattack_version
         self.autoattack_attacks = autoattack_attacks
         for name, flag in (("channels_last", channels_last), ("compile", compile)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name}={flag!r} is not accepted; it must be true or false.")
+            check_bool(name, flag)
         check_choice("compile_mode", compile_mode, COMPILE_MODES)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -200,6 +252,32 @@ class RobustFairLitModule(pl.LightningModule):
         )
         self.reports: dict[str, ClasswiseReport] = {}
         self._eval_generator: torch.Generator | None = None
+        # device-side record of the first non-finite step since the last check (nonfinite_check_interval > 1)
+        self._nonfinite: tuple[list[str], Tensor, Tensor, Tensor, Tensor] | None = None
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> RobustFairLitModule:
+        """Lightning's ``load_from_checkpoint``, loading with ``torch.load(weights_only=True)`` by default.
+
+        A checkpoint from elsewhere never executes pickled code: one that holds pickled Python objects is
+        refused with a ``ValueError`` naming the file, and so is a corrupt or truncated file. Pass
+        ``weights_only=False`` only for a trusted file.
+        """
+        loader = super().load_from_checkpoint
+        try:
+            return loader(checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs)
+        except Exception as error:
+            if raised_by_torch_load(error):  # reading the file failed (not the model built from it)
+                raise load_error("checkpoint", checkpoint_path, error) from error
+            raise
 
     # ------------------------------------------------------------------ model
     @property
@@ -278,6 +356,7 @@ class RobustFairLitModule(pl.LightningModule):
         output = self.compute_objective(x, x_adv, target)
         self.check_logits(output.adv_logits)
         loss, parts = self.compute_loss(output, target)
+        self.check_finite(loss, parts, batch_idx)
         for method in self.fairness:
             method.on_train_batch_end(output, target)
         batch_size = target.shape[0]
@@ -287,6 +366,74 @@ class RobustFairLitModule(pl.LightningModule):
         epoch_values = {"train/robust_acc": robust_acc, **{f"train/loss_{k}": v for k, v in parts.items()}}
         self.log_dict(epoch_values, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
         return loss
+
+    def check_finite(self, loss: Tensor, parts: dict[str, Tensor], batch_idx: int) -> None:
+        """Stop training with an error naming the term when the loss or one of its terms is NaN/inf.
+
+        Called in ``training_step`` before ``backward`` (see :attr:`nonfinite_check_interval`).
+
+        Raises:
+            FloatingPointError: naming the term(s), their value, the epoch and batch, and what to try.
+        """
+        names = ["loss", *parts]
+        values = torch.stack(
+            [loss.detach().float().reshape(()), *(v.detach().float().reshape(()) for v in parts.values())]
+        )
+        bad = ~torch.isfinite(values)
+        interval = max(1, int(self.nonfinite_check_interval))
+        if not self.defer_finite_check(values.device):
+            if bool(bad.any()):
+                self._raise_nonfinite(names, values, self.current_epoch, batch_idx, updated=False)
+            return
+        record = self._nonfinite
+        if record is None or record[0] != names:
+            seen = torch.zeros((), dtype=torch.bool, device=values.device)
+            record = (
+                names,
+                seen,
+                values.clone(),
+                torch.zeros_like(seen, dtype=torch.long),
+                torch.zeros_like(seen, dtype=torch.long),
+            )
+        _, seen, first_values, first_epoch, first_batch = record
+        new = bad.any() & ~seen
+        record = (
+            names,
+            seen | new,
+            torch.where(new, values, first_values),
+            torch.where(new, self.current_epoch, first_epoch),
+            torch.where(new, batch_idx, first_batch),
+        )
+        self._nonfinite = record
+        if (self.global_step + 1) % interval == 0:
+            self._nonfinite = None
+            if bool(record[1]):
+                epoch, batch = int(record[3]), int(record[4])
+                updated = (epoch, batch) != (self.current_epoch, batch_idx)
+                self._raise_nonfinite(names, record[2], epoch, batch, updated=updated)
+
+    def defer_finite_check(self, device: torch.device) -> bool:
+        """Whether the NaN/inf flag is only read every :attr:`nonfinite_check_interval` steps (else at once).
+
+        Reading at once is free on the CPU; on an accelerator it is one host-device sync per step.
+        """
+        return device.type != "cpu" and int(self.nonfinite_check_interval) > 1
+
+    @staticmethod
+    def _raise_nonfinite(names: list[str], values: Tensor, epoch: int, batch_idx: int, updated: bool) -> None:
+        host = values.cpu().tolist()
+        bad_terms = [(n, v) for n, v in zip(names[1:], host[1:], strict=True) if not math.isfinite(v)]
+        if len(bad_terms) == 1:
+            what = f"the loss term {bad_terms[0][0]!r} is not finite ({bad_terms[0][1]})"
+        elif bad_terms:
+            what = f"the loss terms {', '.join(f'{n!r} ({v})' for n, v in bad_terms)} are not finite"
+        else:
+            what = f"the loss (sum of the finite terms {', '.join(map(repr, names[1:]))}) is not finite ({host[0]})"
+        raise FloatingPointError(
+            f"{what} at epoch {epoch}, batch {batch_idx}; training stopped "
+            + ("(steps since then updated the weights)" if updated else "before this step's weight update")
+            + f". {NONFINITE_HINT}."
+        )
 
     def _train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """A fresh pass over this rank's training batches, on device, under the precision context."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, AttackObjective, check_choice
+from confspec_lightning.attacks import AttackConfig, AttackObjective, check_choice, check_real
 
 ObjectiveName = Literal["trades", "pgd_at"]
 OBJECTIVES: tuple[str, ...] = ("trades", "pgd_at")
@@ -157,8 +157,7 @@ class TRADESObjective(BaseObjective):
 
     def __init__(self, attack: AttackConfig, beta: float = 6.0) -> None:
         super().__init__(attack)
-        if not beta >= 0:
-            raise ValueError(f"beta={beta!r} is not accepted; it must be >= 0 (TRADES default 6.0).")
+        check_real("beta", beta, lambda v: v >= 0, ">= 0 (TRADES default 6.0)")
         self.beta = beta
 
     def __call__(self, model: nn.Module, x: Tensor, x_adv: Tensor, target: Tensor) -> ObjectiveOutput:

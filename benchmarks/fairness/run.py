@@ -302,21 +302,31 @@ def table(results: list[dict], methods: list[str]) -> str:
 
 
 def deltas(results: list[dict], methods: list[str], reference: str = "trades") -> str:
-    """Worst-class and average robust accuracy (last attack) of each method minus the reference's."""
+    """Worst-class and average robust accuracy (last attack) of each method minus the reference's.
+
+    Paired by seed: each difference is a mean over the seeds that both methods have run (a sweep in
+    progress has more seeds of some methods than of others).
+    """
     attack = attack_columns(results)[-1]
 
-    def mean(method: str, key: str) -> float | None:
-        values = [r["evaluation"]["attacks"][attack][key] for r in results if r["method"] == method]
-        return 100 * statistics.mean(values) if values else None
+    def by_seed(method: str, key: str) -> dict[int, float]:
+        return {r["seed"]: 100 * r["evaluation"]["attacks"][attack][key] for r in results if r["method"] == method}
 
-    lines = [f"| method | Δ worst ({attack}) vs {LABELS[reference]} | Δ avg ({attack}) |", "|---|---|---|"]
+    lines = [
+        f"| method | Δ worst ({attack}) vs {LABELS[reference]} | Δ avg ({attack}) | paired seeds |",
+        "|---|---|---|---|",
+    ]
     for method in methods:
-        if method == reference or mean(method, "worst") is None or mean(reference, "worst") is None:
+        if method == reference:
             continue
-        lines.append(
-            f"| {LABELS.get(method, method)} | {round(mean(method, 'worst') - mean(reference, 'worst'), 2) + 0.0:+.2f} "
-            f"| {round(mean(method, 'avg') - mean(reference, 'avg'), 2) + 0.0:+.2f} |"
-        )
+        seeds = sorted(by_seed(method, "worst").keys() & by_seed(reference, "worst").keys())
+        if not seeds:
+            continue
+        cells = []
+        for key in ("worst", "avg"):
+            ours, theirs = by_seed(method, key), by_seed(reference, key)
+            cells.append(f"{round(statistics.mean(ours[s] - theirs[s] for s in seeds), 2) + 0.0:+.2f}")
+        lines.append(f"| {LABELS.get(method, method)} | {cells[0]} | {cells[1]} | {', '.join(map(str, seeds))} |")
     return "\n".join(lines)
 
 
@@ -379,7 +389,7 @@ def write_report(all_results: dict[str, list[dict]], commands: dict[str, str]) -
             "",
             table(results, spec.methods),
             "",
-            "Difference of the means from TRADES (points):",
+            "Difference from TRADES (points; mean over the seeds both methods have run):",
             "",
             deltas(results, spec.methods),
             "",

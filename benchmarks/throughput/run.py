@@ -119,6 +119,22 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
+def timed_trainer(timer: StepTimer, batches: int, **kwargs) -> pl.Trainer:
+    """A Trainer for ``batches`` training batches of one epoch: no validation, logging or checkpoints."""
+    return pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        **kwargs,
+    )
+
+
 @dataclass
 class Timing:
     """Per-step periods (batch start to next batch start), compute (start to end) and epoch-start time."""
@@ -255,19 +271,8 @@ class Runner:
     def _run_module(self, steps: int, warmup: int, record: bool) -> None:
         timer = StepTimer(self.device)
         self.data.on_device = self.config.on_device
-        trainer = pl.Trainer(
-            accelerator=self.device.type,
-            devices=1,
-            precision=self.config.precision,
-            max_epochs=1,
-            limit_train_batches=warmup + steps + 1,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
+        trainer = timed_trainer(
+            timer, warmup + steps + 1, accelerator=self.device.type, precision=self.config.precision
         )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -371,7 +376,11 @@ def section_steps(setup_key: str, device: torch.device, args: argparse.Namespace
     setup = SETUPS[setup_key]
     batch = args.batch_size or setup.batch_size
     setup = Setup(setup.name, setup.build, batch, setup.input_shape, setup.attack)
-    configs = [c for c in STEP_CONFIGS if not (c.compile and args.no_compile)]
+    configs = [
+        c
+        for c in STEP_CONFIGS
+        if c.kind == "plain" or (not (c.compile and args.no_compile) and c.precision in args.precisions)
+    ]
     steps_per_round = args.steps
     data = SyntheticImages(batch * (steps_per_round + args.warmup + 2), setup.input_shape, batch_size=batch)
     data.setup()
@@ -423,6 +432,9 @@ def section_steps(setup_key: str, device: torch.device, args: argparse.Namespace
         "epoch_pass_extra_per_epoch (pass time / epoch training time)": extra_epoch,
         "fastest module config": fastest["config"],
         "speedup (plain fp32 / fastest module)": by_label[plain]["step_ms"] / fastest["step_ms"],
+        "fast-path speed-up (plain fp32 step / module TRADES bf16 + channels_last + compile step)": ratio(
+            plain, STEP_CONFIGS[7].label
+        ),
     }
     return {"setup": setup.name, "batch_size": batch, "flops_per_step": flops, "rows": rows, "summary": summary}
 
@@ -561,19 +573,8 @@ def ddp_worker(args: argparse.Namespace) -> None:
         input_std=data.std,
     )
     timer = StepTimer(torch.device("cpu"))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy="ddp" if world > 1 else "auto",
-        max_epochs=1,
-        limit_train_batches=args.steps + args.warmup + 1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
+    trainer = timed_trainer(
+        timer, args.steps + args.warmup + 1, accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto"
     )
     trainer.fit(module, data)
     if trainer.global_rank == 0:
@@ -698,6 +699,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s of the device")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["32-true", "bf16-mixed"],
+        default=["32-true", "bf16-mixed"],
+        help="module configurations to time (the plain fp32 loop is always timed)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip CPU peak-memory probes")
     parser.add_argument("--no-tin", action="store_true", help="skip the real Tiny-ImageNet 200-class run")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results_<device>.json here)")

@@ -11,7 +11,11 @@ A subclass provides the images of each split as in-memory tensors (``uint8`` (N,
   runs on small machines;
 * an optional second validation (and test) loader ``train_eval``: ``train_eval_per_class`` training
   images per class without augmentation, for the train/test divergence diagnostic;
-* loaders with a DistributedSampler that honours ``shuffle`` under DDP;
+* a resumable training loader (:class:`ResumableDataLoader` with an :class:`EpochSampler`): its order is
+  ``DistributedSampler``'s, a pure function of (seed, epoch, rank, world size), with one process too, and
+  it exposes ``state_dict()``/``load_state_dict()`` (the epoch and the batches already delivered), which
+  Lightning stores in checkpoints, so a fit resumed from a mid-epoch checkpoint continues with the
+  batches not yet seen, in the same order;
 * optionally (``on_device``) a training loader over the training split kept on the accelerator
   (:class:`~confspec_lightning.data.device.DeviceTensorLoader`): batches gathered there, in the order
   of that DistributedSampler;
@@ -22,15 +26,16 @@ A subclass provides the images of each split as in-memory tensors (``uint8`` (N,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from confspec_lightning.data.device import DeviceTensorLoader
+from confspec_lightning.data.device import DeviceTensorLoader, distributed_order
 
 
 def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
@@ -71,6 +76,73 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None 
         x = padded[batch, channels, rows, cols]
     flip = torch.rand(b, device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` (``drop_last=False``) for any world size, one process included, that can resume.
+
+    The order of an epoch is that of ``DistributedSampler(dataset, num_replicas, rank, shuffle, seed)``
+    after ``set_epoch(epoch)``: a pure function of (seed, epoch, rank, world size), unlike a
+    ``RandomSampler``, which draws from the global generator. Being a ``DistributedSampler``, Lightning
+    leaves it in place under DDP. :meth:`resume_from` makes the next pass of the given epoch start after
+    the samples already delivered (see :class:`ResumableDataLoader`).
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self._resume: tuple[int, int] | None = None
+        #: samples skipped at the start of the current pass
+        self.skipped = 0
+
+    def resume_from(self, epoch: int, samples: int) -> None:
+        """Make the next pass skip its first ``samples`` indices if it is a pass of ``epoch`` (once)."""
+        self._resume = (int(epoch), int(samples))
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        if self._resume is not None:
+            epoch, samples = self._resume
+            self._resume = None  # only the first pass after a restore
+            if epoch == self.epoch:
+                start = samples
+        self.skipped = start
+        order = distributed_order(len(self.dataset), self.epoch, self.seed, self.shuffle, self.rank, self.num_replicas)
+        return iter(order[start:].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochSampler` whose position Lightning saves and restores.
+
+    ``state_dict()`` gives the epoch and the number of batches delivered by the pass that delivered a batch
+    last (the training pass when Lightning saves in a training hook: the CSR epoch pass, another pass over
+    this loader, is over by then), ``load_state_dict()`` makes the next pass of that epoch start after them.
+    Lightning's fit loop stores the state in checkpoints (``loops.fit_loop.state_dict.combined_loader``) and
+    loads it before it creates the training iterator of a resumed fit. Sized loaders are not pre-fetched by
+    Lightning, so the count is that of the batches trained.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochSampler):
+            raise TypeError(f"ResumableDataLoader needs an EpochSampler; got {type(sampler).__name__}.")
+        for count, batch in enumerate(batches, start=1):
+            self._position = (int(sampler.epoch), sampler.skipped // int(self.batch_size) + count)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches", "batch_size"}`` of the pass that delivered the last batch (epoch -1: none yet)."""
+        epoch, batches = getattr(self, "_position", (-1, 0))
+        return {"epoch": epoch, "batches": batches, "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Make the next pass of ``state_dict["epoch"]`` skip the batches already delivered."""
+        samples = int(state_dict["batches"]) * int(state_dict.get("batch_size", self.batch_size))
+        self.sampler.resume_from(int(state_dict["epoch"]), samples)
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -191,36 +263,53 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.splits["train_eval"] = TensorDataset(train_x[idx], train_y[idx])
 
     # ----------------------------------------------------------------- loaders
-    def _loader(self, split: str, batch_size: int, train: bool = False) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         if not self.splits:
             self.setup()
-        sampler = self._distributed_train_sampler() if train else None
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
-            shuffle=(self.shuffle if train else False) if sampler is None else None,
-            sampler=sampler,
+            shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
-    def _distributed_train_sampler(self) -> DistributedSampler | None:
-        """Under DDP, a DistributedSampler that honours ``shuffle`` (Lightning's own always shuffles).
+    def _train_loader(self) -> ResumableDataLoader:
+        if not self.splits:
+            self.setup()
+        # its own generator: creating an iterator draws a worker base seed, not from the global generator
+        # (whose stream a resumed run restores; see confspec_lightning.checkpointing)
+        generator = torch.Generator().manual_seed(self.seed)
+        return ResumableDataLoader(
+            self.splits["train"],
+            batch_size=self.batch_size,
+            sampler=self._distributed_train_sampler(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+        )
 
-        With ``shuffle=False`` rank r takes samples r, r + W, r + 2W, ...: per-rank batch B / W then
-        holds exactly the samples of a single-process batch B, so DDP runs compare with one process.
+    def _distributed_train_sampler(self) -> EpochSampler:
+        """The training sampler: ``DistributedSampler`` order honouring ``shuffle``, for any world size.
+
+        Under DDP Lightning's own sampler would always shuffle. With ``shuffle=False`` rank r takes samples
+        r, r + W, r + 2W, ...: per-rank batch B / W then holds exactly the samples of a single-process
+        batch B, so DDP runs compare with one process. With one process the order is that of a
+        ``DistributedSampler`` with one replica (seeded with ``seed + epoch``).
         """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
-        if torch.distributed.get_world_size() == 1:
-            return None
-        return DistributedSampler(self.splits["train"], shuffle=self.shuffle, seed=self.seed)
+        world_size, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return EpochSampler(
+            self.splits["train"], num_replicas=world_size, rank=rank, shuffle=self.shuffle, seed=self.seed
+        )
 
     def train_dataloader(self) -> DataLoader | DeviceTensorLoader:
         if self.on_device:
             return self._device_loader()
-        return self._loader("train", self.batch_size, train=True)
+        return self._train_loader()
 
     def _device_loader(self) -> DeviceTensorLoader:
         """The training split on ``trainer.strategy.root_device`` (copied there once and kept), sharded by rank."""

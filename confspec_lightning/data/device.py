@@ -8,7 +8,10 @@ indices; the per-epoch order is computed once on the CPU and moved to the device
 The order is exactly that of ``torch.utils.data.DistributedSampler(dataset, num_replicas=W, rank=r,
 shuffle=shuffle, seed=seed, drop_last=False)`` after ``set_epoch(epoch)``, also for a single process
 (W = 1): a pure function of (seed, epoch, rank, world size), so a resumed run sees the same data order,
-and a run with ``on_device`` sees the same batches as a DDP run of the DataLoader path.
+and a run with ``on_device`` sees the same batches as a DDP run of the DataLoader path. Like the
+DataLoader path's ``ResumableDataLoader`` it has ``state_dict()``/``load_state_dict()`` (epoch, batches
+delivered), which Lightning keeps in checkpoints: a fit resumed mid-epoch continues after the batches
+already trained.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ class DeviceTensorLoader:
         self.epoch = epoch
         self.rank = rank
         self.world_size = world_size
+        self._position = (-1, 0)  # (epoch, batches delivered) of the pass that delivered a batch last
+        self._resume: tuple[int, int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -110,14 +115,34 @@ class DeviceTensorLoader:
         """This rank's indices (CPU) for ``epoch``, in the order the batches take them."""
         return distributed_order(self.images.shape[0], epoch, self.seed, self.shuffle, self.rank, self.world_size)
 
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches", "batch_size"}`` of the pass that delivered the last batch (epoch -1: none yet).
+
+        Lightning saves it in checkpoints; when it saves in a training hook that pass is the training one
+        (the CSR epoch pass, another pass over this loader, is over by then).
+        """
+        return {"epoch": self._position[0], "batches": self._position[1], "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Make the next pass skip the samples already delivered, if it is a pass of the saved epoch (once)."""
+        samples = int(state_dict["batches"]) * int(state_dict.get("batch_size", self.batch_size))
+        self._resume = (int(state_dict["epoch"]), samples)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         # A generator: nothing runs (and the epoch is not read) until the first batch is asked for, so an
         # iterator created ahead of the epoch (Lightning creates one when it sets the loader up) is right.
         epoch = 0 if self.epoch is None else int(self.epoch())
-        order = self.order(epoch)
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, samples = self._resume
+            self._resume = None  # only the first pass after a restore
+            if resume_epoch == epoch:
+                skip = samples
+        order = self.order(epoch)[skip:]
         if self.device.type == "cuda":
             order = order.pin_memory()  # a truly asynchronous copy
         order = order.to(self.device, non_blocking=True)
-        for start in range(0, order.shape[0], self.batch_size):
+        for count, start in enumerate(range(0, order.shape[0], self.batch_size), start=1):
             index = order[start : start + self.batch_size]
+            self._position = (epoch, skip // self.batch_size + count)
             yield self.images.index_select(0, index), self.labels.index_select(0, index)

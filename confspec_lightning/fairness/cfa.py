@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import AttackConfig
+from confspec_lightning.attacks import AttackConfig, check_bool, check_int, check_real
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_accuracy
 from confspec_lightning.metrics import RobustConfusionMatrix
@@ -85,20 +85,17 @@ class CFA(FairnessMethod):
     ) -> None:
         super().__init__()
         for name, value in (("cfa.eps_base", eps_base), ("cfa.beta_base", beta_base)):
-            if not value >= 0:
-                raise ValueError(f"{name}={value!r} is not accepted; it must be >= 0 (paper: 0.5).")
-        if not 0.0 <= average_decay < 1.0:
-            raise ValueError(f"cfa.average_decay={average_decay!r} is not accepted; it must lie in [0, 1) (0.88).")
-        if not 0.0 <= average_threshold <= 1.0:
-            raise ValueError(
-                f"cfa.average_threshold={average_threshold!r} is not accepted; it must lie in [0, 1] (0.2)."
-            )
-        for name, value, minimum in (
-            ("cfa.warmup_epochs", warmup_epochs, 0),
-            ("cfa.average_eval_steps", average_eval_steps, 1),
+            check_real(name, value, lambda v: v >= 0, ">= 0 (paper: 0.5)")
+        check_real("cfa.average_decay", average_decay, lambda v: 0.0 <= v < 1.0, "in [0, 1) (0.88)")
+        check_real("cfa.average_threshold", average_threshold, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (0.2)")
+        check_int("cfa.warmup_epochs", warmup_epochs, 0)
+        check_int("cfa.average_eval_steps", average_eval_steps, 1)
+        for name, flag in (
+            ("cfa.classwise_eps", classwise_eps),
+            ("cfa.classwise_beta", classwise_beta),
+            ("cfa.weight_average", weight_average),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= {minimum}.")
+            check_bool(name, flag)
         self.eps_base = eps_base
         self.beta_base = beta_base
         self.warmup_epochs = warmup_epochs

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import check_choice, eval_mode
+from confspec_lightning.attacks import check_bool, check_choice, check_real, eval_mode
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.functional import MARGINS, Margin
 from confspec_lightning.metrics import RobustConfusionMatrix
@@ -65,10 +65,14 @@ class CSR(FairnessMethod):
         normalize: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"csr.alpha={alpha!r} is not accepted; it must lie in [0, 1] (code default 0.3).")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"csr.gamma={gamma!r} is not accepted; it must lie in [0, 1) (default 0.0).")
+        check_real("csr.alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (code default 0.3)")
+        check_real("csr.gamma", gamma, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.0)")
+        for name, flag in (
+            ("csr.include_diagonal", include_diagonal),
+            ("csr.rescale", rescale),
+            ("csr.normalize", normalize),
+        ):
+            check_bool(name, flag)
         check_choice("csr.margin", margin, MARGINS)
         check_choice("csr.confusion_source", confusion_source, CONFUSION_SOURCES)
         self.alpha = alpha

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from confspec_lightning.attacks import check_int, check_real
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_sum, sum_across_ranks
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
@@ -40,6 +41,15 @@ def kl_from_uniform(q: Tensor, present: Tensor) -> Tensor:
     return -torch.log(n) - log_q.sum() / n
 
 
+#: Bisection bounds of log t (t = nu - max a): t stays a normal float64 far from overflow and underflow.
+LOG_T_MIN, LOG_T_MAX = -690.0, 690.0
+
+
+def _log_expm1(x: float) -> float:
+    """log(e^x - 1) for x > 0 without overflow (large x) or cancellation (small x)."""
+    return x + math.log1p(-math.exp(-x)) if x > 20.0 else math.log(math.expm1(x))
+
+
 def faal_class_weights(scores: Tensor, present: Tensor, radius: float = 0.5, iterations: int = 60) -> Tensor:
     """argmax_q sum_c scores_c q_c s.t. KL(uniform || q) <= radius, q on the simplex of the present classes.
 
@@ -52,8 +62,8 @@ def faal_class_weights(scores: Tensor, present: Tensor, radius: float = 0.5, ite
     Returns:
         q (K,) float64, summing to 1 over the present classes.
     """
-    if not radius > 0:
-        raise ValueError(f"radius={radius!r} is not accepted; it must be > 0.")
+    if not (radius > 0 and math.isfinite(radius)):
+        raise ValueError(f"radius={radius!r} is not accepted; it must be a finite number > 0.")
     a = scores.to(torch.float64)
     present = present.to(device=a.device, dtype=torch.bool)
     a_max = torch.where(present, a, -math.inf).max()
@@ -61,20 +71,24 @@ def faal_class_weights(scores: Tensor, present: Tensor, radius: float = 0.5, ite
     spread = (a_max - a_min).clamp(min=0.0)
     gap = torch.where(present, a_max - a, 0.0)  # >= 0
 
-    def weights(t: Tensor) -> Tensor:
-        inv = torch.where(present, 1.0 / (t + gap), 0.0)
+    def weights(log_t: Tensor) -> Tensor:
+        # t >= e^-690 > 0: the argmax class (gap 0) never divides by zero
+        inv = torch.where(present, 1.0 / (log_t.clamp(LOG_T_MIN, LOG_T_MAX).exp() + gap), 0.0)
         return inv / inv.sum()
 
-    # KL(u || q) <= log(max q / min q) <= log(1 + spread / t): t_hi = spread / (e^r - 1) is feasible
-    safe_spread = spread.clamp(min=1e-30)
-    log_hi = torch.log(safe_spread / math.expm1(radius))
-    log_lo = torch.log(safe_spread) - 40.0  # q concentrates on argmax: KL far above any radius
+    # KL(u || q) <= log(max q / min q) <= log(1 + spread / t): t_hi = spread / (e^r - 1) is feasible.
+    # With n present classes, q_c <= t / spread for the class of smallest score, so
+    # KL(u || q) >= -log n + log(spread / t) / n > r once log t < log spread - n (r + log n): t_lo.
+    log_spread = torch.log(spread.clamp(min=1e-30))
+    n = present.sum().clamp(min=1).to(torch.float64)
+    log_hi = (log_spread - _log_expm1(radius)).clamp(LOG_T_MIN, LOG_T_MAX)
+    log_lo = torch.minimum(log_spread - n * (radius + torch.log(n)) - 1.0, log_hi).clamp(LOG_T_MIN, LOG_T_MAX)
     for _ in range(iterations):
         mid = 0.5 * (log_lo + log_hi)
-        infeasible = kl_from_uniform(weights(mid.exp()), present) > radius
+        infeasible = kl_from_uniform(weights(mid), present) > radius
         log_lo = torch.where(infeasible, mid, log_lo)
         log_hi = torch.where(infeasible, log_hi, mid)
-    q = weights(log_hi.exp())
+    q = weights(log_hi)
     uniform = present.to(torch.float64) / present.sum().clamp(min=1)
     return torch.where(spread > 1e-12, q, uniform)
 
@@ -94,10 +108,8 @@ class FAAL(FairnessMethod):
 
     def __init__(self, radius: float = 0.5, iterations: int = 60) -> None:
         super().__init__()
-        if not radius > 0:
-            raise ValueError(f"faal.radius={radius!r} is not accepted; it must be > 0 (paper: 0.5).")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"faal.iterations={iterations!r} is not accepted; it must be an integer >= 1.")
+        check_real("faal.radius", radius, lambda v: v > 0, "> 0 (paper: 0.5)")
+        check_int("faal.iterations", iterations, 1)
         self.radius = radius
         self.iterations = iterations
 

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, check_choice
+from confspec_lightning.attacks import AttackConfig, check_choice, check_int, check_real
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_accuracy, sum_across_ranks
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
@@ -109,24 +109,31 @@ class FRL(FairnessMethod):
     ) -> None:
         super().__init__()
         check_choice("frl.mode", mode, FRL_MODES)
+        if tau is not None:
+            check_real("frl.tau", tau, lambda v: True, "or null (paper: 0.1 for reweight, 0.07 for reweight_remargin)")
         for name, value in (
             ("frl.rate_nat", rate_nat),
             ("frl.rate_bndy", rate_bndy),
             ("frl.rate_margin", rate_margin),
-            ("frl.max_multiplier_sum", max_multiplier_sum),
             ("frl.margin_scale", margin_scale),
             ("frl.eps_multiplier_min", eps_multiplier_min),
         ):
-            if not value >= 0:
-                raise ValueError(f"{name}={value!r} is not accepted; it must be >= 0.")
-        if not eps_multiplier_max >= eps_multiplier_min:
-            raise ValueError(
-                f"frl.eps_multiplier_max={eps_multiplier_max!r} is not accepted; it must be >= "
-                f"eps_multiplier_min={eps_multiplier_min!r}."
-            )
-        for name, value in (("frl.rate_halving_epochs", rate_halving_epochs), ("frl.eval_steps", eval_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= 1.")
+            check_real(name, value, lambda v: v >= 0, ">= 0")
+        # w[c] = 1/K + lam[c] - mean(lam) >= (1 - sum(lam)) / K: a sum above 1 could make class weights negative
+        check_real(
+            "frl.max_multiplier_sum",
+            max_multiplier_sum,
+            lambda v: 0.0 <= v <= 1.0,
+            "in [0, 1] (paper: 0.5; above 1 class weights could turn negative)",
+        )
+        check_real(
+            "frl.eps_multiplier_max",
+            eps_multiplier_max,
+            lambda v: v >= eps_multiplier_min,
+            f">= frl.eps_multiplier_min={eps_multiplier_min!r}",
+        )
+        check_int("frl.rate_halving_epochs", rate_halving_epochs, 1)
+        check_int("frl.eval_steps", eval_steps, 1)
         self.mode = mode
         self.tau = DEFAULT_TAU[mode] if tau is None else tau
         self.rate_nat = rate_nat

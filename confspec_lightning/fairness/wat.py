@@ -12,18 +12,28 @@ weight w[y_i] + w[K]. Statistics are summed over DDP ranks; C_v is a float64 buf
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
+from confspec_lightning.attacks import check_real
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_objective_loss
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
 
 
 def wat_weights(cumulative_loss: Tensor, eta: float = 0.1) -> Tensor:
-    """Weights w = K softmax(eta C_v) over the K + 1 entries (the last one is the average entry)."""
+    """Weights w = K softmax(eta C_v) over the K + 1 entries (the last one is the average entry).
+
+    Computed stably: eta (C_v - max C_v) <= 0, so huge cumulative losses (or a huge eta) cannot overflow.
+    """
     num_classes = cumulative_loss.numel() - 1
-    return num_classes * torch.softmax(eta * cumulative_loss.to(torch.float64), dim=0)
+    shifted = cumulative_loss.to(torch.float64)
+    shifted = shifted - shifted.max()
+    if eta == 0:  # uniform (0 * -inf would be NaN where the shift overflowed)
+        return torch.full_like(shifted, num_classes / shifted.numel())
+    return num_classes * torch.softmax(eta * shifted, dim=0)
 
 
 def wat_loss_vector(loss_sum: Tensor, counts: Tensor) -> Tensor:
@@ -45,8 +55,7 @@ class WAT(FairnessMethod):
 
     def __init__(self, eta: float = 0.1) -> None:
         super().__init__()
-        if not eta >= 0:
-            raise ValueError(f"wat.eta={eta!r} is not accepted; it must be >= 0 (paper: 0.1).")
+        check_real("wat.eta", eta, lambda v: v >= 0, ">= 0 (paper: 0.1)")
         self.eta = eta
 
     def bind(self, num_classes: int, model: nn.Module | None = None) -> None:
@@ -64,6 +73,14 @@ class WAT(FairnessMethod):
             context.model, context.validation_batches(), context.objective, self.num_classes
         )
         losses = wat_loss_vector(loss_sum, counts)
+        if not bool(torch.isfinite(losses).all()):  # once per epoch: C_v would carry NaN/inf forever
+            bad = [i for i in range(self.num_classes + 1) if not math.isfinite(float(losses[i]))]
+            names = ", ".join("average" if i == self.num_classes else f"class {i}" for i in bad)
+            raise FloatingPointError(
+                f"wat: the validation loss of {names} is not finite ({float(losses[bad[0]])}) after epoch "
+                f"{context.epoch}, so the class weights cannot be updated; the model diverged: lower the learning "
+                "rate, use precision bf16-mixed instead of 16-mixed, or enable gradient clipping."
+            )
         self.cumulative_loss += losses
         return {"wat/val_loss_worst": losses[:-1].max(), "wat/weight_average_entry": self.weights()[-1]}
 

@@ -18,6 +18,37 @@ from torch import Tensor, nn
 #: Prefixes stripped (repeatedly, in any order) until the keys match the backbone's.
 KNOWN_PREFIXES = ("net.backbone.", "module.", "model.", "backbone.", "_orig_mod.", "net.")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+#: Source files of torch.load: an exception raised in them is a failure to read the file.
+TORCH_LOAD_FILES = ("torch/serialization.py", "torch/_weights_only_unpickler.py")
+
+
+def raised_by_torch_load(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside ``torch.load`` (reading the file), not by code run afterwards."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith(TORCH_LOAD_FILES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def load_error(what: str, path: str | Path, error: BaseException) -> ValueError:
+    """A clear ``ValueError`` for a file ``torch.load(weights_only=True)`` could not read, naming ``what=path``.
+
+    Pickled Python objects (a class or function the safe unpickler refuses) and corrupt or truncated files
+    get different messages.
+    """
+    detail = (str(error).splitlines() or [type(error).__name__])[0]
+    if isinstance(error, pickle.UnpicklingError) and "global" in str(error).lower():
+        return ValueError(
+            f"{what}={str(path)!r} holds pickled Python objects, which are refused for safety (torch.load "
+            f"weights_only=True; nothing in it was executed). Save a plain state dict instead: "
+            f"torch.save(model.state_dict(), path), or load it with weights_only=False only if you trust its source. "
+            f"Detail: {detail}"
+        )
+    return ValueError(
+        f"{what}={str(path)!r} is not a readable torch file (corrupt or truncated?): {type(error).__name__}: {detail}"
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -33,16 +64,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise FileNotFoundError(f"init_weights={str(path)!r}: no such file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"init_weights={str(path)!r} holds pickled Python objects, which are refused for safety "
-            f"(torch.load weights_only=True). Save a plain state dict instead: torch.save(model.state_dict(), path). "
-            f"Detail: {str(error).splitlines()[0]}"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(
-            f"init_weights={str(path)!r} is not a readable torch file (corrupt or truncated?): {error}"
-        ) from error
+    except Exception as error:  # any failure to read the file (zip, pickle, seek, decode) names the file
+        raise load_error("init_weights", path, error) from error
     for key in NESTED_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
