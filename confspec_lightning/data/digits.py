@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from confspec_lightning.attacks import check_real
 from confspec_lightning.data.base import ClassificationDataModule
 
 # Per-channel statistics of all 1797 images scaled to [0, 1] (pixel values / 16).
@@ -62,8 +63,7 @@ class DigitsDataModule(ClassificationDataModule):
             on_device=on_device,
         )
         for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name}={value!r} is not accepted; it must lie in (0, 1).")
+            check_real(name, value, lambda v: 0.0 < v < 1.0, "in (0, 1)")
         if val_fraction + test_fraction >= 0.9:
             raise ValueError(
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves too little "
