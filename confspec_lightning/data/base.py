@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from confspec_lightning.attacks import check_bool
 from confspec_lightning.data.device import DeviceTensorLoader, distributed_order
 
 
@@ -206,8 +207,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         check_positive_int("data.train_eval_per_class", train_eval_per_class, minimum=0)
         check_positive_int("data.crop_padding", crop_padding, minimum=0)
         check_positive_int("data.num_workers", num_workers, minimum=0)
-        if not isinstance(on_device, bool):
-            raise ValueError(f"data.on_device={on_device!r} is not accepted; it must be true or false.")
+        check_bool("data.on_device", on_device)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.val_per_class = val_per_class

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from confspec_lightning.attacks import check_int
+
 
 def distributed_order(
     num_samples: int, epoch: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
@@ -82,9 +84,8 @@ class DeviceTensorLoader:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
         if images.device != labels.device:
             raise ValueError(f"images on {images.device} but labels on {labels.device}; put both on one device.")
-        for name, value, minimum in (("batch_size", batch_size, 1), ("world_size", world_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= {minimum}.")
+        check_int("batch_size", batch_size, 1)
+        check_int("world_size", world_size, 1)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank!r} is not accepted; it must be an integer in [0, {world_size}).")
         self.images = images
