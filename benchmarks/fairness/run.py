@@ -149,7 +149,7 @@ def record(protocol: str, result: dict) -> None:
         stored["protocols"][protocol] = sorted(runs, key=lambda r: (r["method"], r["seed"]))
         stored["commands"][protocol] = f"python benchmarks/fairness/run.py --protocol {protocol}"
         atomic_write_text(RESULTS_JSON, json.dumps(stored, indent=1))
-        write_report(stored["protocols"], stored["commands"])
+        write_report(stored["protocols"], stored["commands"], stored.get("notes"))
 
 
 # ------------------------------------------------------------------- running
@@ -356,7 +356,11 @@ def figure(results: list[dict], methods: list[str], path: Path, title: str) -> N
     plt.close(fig)
 
 
-def write_report(all_results: dict[str, list[dict]], commands: dict[str, str]) -> None:
+def write_report(
+    all_results: dict[str, list[dict]], commands: dict[str, str], notes: dict[str, str] | None = None
+) -> None:
+    """RESULTS.md and the figures; ``notes``: protocol -> a remark printed under its table (results.json)."""
+    notes = notes or {}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     lines = [
         "# Fairness methods side by side",
@@ -389,6 +393,7 @@ def write_report(all_results: dict[str, list[dict]], commands: dict[str, str]) -
             "",
             table(results, spec.methods),
             "",
+            *([notes[protocol], ""] if protocol in notes else []),
             "Difference from TRADES (points; mean over the seeds both methods have run):",
             "",
             deltas(results, spec.methods),
@@ -422,7 +427,7 @@ def main() -> None:
 
     if args.report_only:
         with locked_results() as stored:
-            write_report(stored["protocols"], stored["commands"])
+            write_report(stored["protocols"], stored["commands"], stored.get("notes"))
         print(f"wrote {RESULTS_MD}", flush=True)
         return
     methods = args.methods or spec.methods
