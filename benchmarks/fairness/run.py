@@ -152,6 +152,30 @@ def record(protocol: str, result: dict) -> None:
         write_report(stored["protocols"], stored["commands"], stored.get("notes"))
 
 
+def code_version() -> str:
+    """The commit the runs are made with, ``+changes`` when the library, the configs or this benchmark's files
+    differ from it (results.json and RESULTS.md do not count): runs are comparable only when the training
+    code is the same. ``unknown`` outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=7", "HEAD")
+        changed = git(
+            "status",
+            "--porcelain",
+            "--",
+            "confspec_lightning",
+            "configs",
+            "benchmarks/fairness/*.yaml",
+            "benchmarks/fairness/run.py",
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+changes" if changed else commit
+
+
 # ------------------------------------------------------------------- running
 class BudgetExhausted(Exception):
     """The time budget ran out; the sweep continues on the next invocation."""
@@ -381,6 +405,7 @@ def write_report(
         figure_path = HERE / f"{protocol}_classwise.png"
         figure(results, spec.methods, figure_path, f"{protocol}: per-class robust accuracy (mean over seeds)")
         machine_note = results[0].get("machine", machine)
+        codes = sorted({r.get("code", "not recorded") for r in results})
         lines += [
             f"## Protocol `{protocol}`",
             "",
@@ -389,7 +414,8 @@ def write_report(
             f"Command: `{commands.get(protocol, f'python benchmarks/fairness/run.py --protocol {protocol}')}` "
             f"on {machine_note} (CPU only). Runs on record: {len(results)} of the "
             f"{len(spec.methods) * len(spec.seeds)} planned ({len(spec.methods)} methods x seeds "
-            f"{', '.join(map(str, spec.seeds))}); rerunning the command completes the sweep.",
+            f"{', '.join(map(str, spec.seeds))}); rerunning the command completes the sweep. "
+            f"Code: {', '.join(f'`{c}`' for c in codes)} (`code` of each run in results.json).",
             "",
             table(results, spec.methods),
             "",
@@ -433,6 +459,7 @@ def main() -> None:
     methods = args.methods or spec.methods
     seeds = args.seeds if args.seeds is not None else spec.seeds
     budget = Budget(args.time_budget)
+    code = code_version()
     done = {} if args.extra else recorded_runs(args.protocol)
     try:
         for seed in seeds:
@@ -443,6 +470,7 @@ def main() -> None:
                 print(f"[{args.protocol}] {method} seed {seed} ...", flush=True)
                 result = run_one(args.protocol, method, seed, args.out, budget, args.extra)
                 result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+                result["code"] = code
                 aa = result["evaluation"]["attacks"].get("autoattack", {})
                 print(
                     f"[{args.protocol}] {method} seed {seed}: AutoAttack avg "
