@@ -1,7 +1,9 @@
-"""The fairness benchmark runner: time-budget chunks, and finished runs are never redone."""
+"""The fairness benchmark runner: time-budget chunks, finished runs never redone, the recording of results
+and the tables computed from them (hand-computed cases)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,8 +13,20 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
 RUNNER = ROOT / "benchmarks/fairness/run.py"
+
+
+def load_runner():
+    """benchmarks/fairness/run.py as a module under a unique name (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("fairness_benchmark_run", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+fairness_run = load_runner()
+
 QUICK = [
     "--extra=--trainer.max_epochs=1",
     "--extra=--trainer.limit_train_batches=2",
@@ -29,6 +43,7 @@ def runner(out, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_budget_exit_then_resume_without_redoing(tmp_path):
     spent = runner(tmp_path, "--methods", "wat", "--seeds", "0", "--time-budget", "1")
     assert spent.returncode == 3, spent.stdout + spent.stderr
@@ -46,3 +61,72 @@ def test_budget_exit_then_resume_without_redoing(tmp_path):
     assert again.returncode == 0
     assert (tmp_path / "digits/wat_seed0/log.txt").read_text() == log  # read back, not run again
     assert "not recorded in results.json" in again.stdout
+
+
+def fake_result(method: str, seed: int, worst: float, avg: float, fit_seconds: float = 60.0) -> dict:
+    """A result as run_one writes it, with one AutoAttack column (2 classes: worst and 2 * avg - worst)."""
+    attack = {"avg": avg, "worst": worst, "classwise_acc": [worst, 2 * avg - worst], "confusion_spectral_norm": 0.5}
+    return {
+        "protocol": "digits",
+        "method": method,
+        "seed": seed,
+        "fit_seconds": fit_seconds,
+        "epochs": 30,
+        "evaluation": {"class_names": ["a", "b"], "attacks": {"clean": attack, "autoattack": attack}},
+    }
+
+
+def test_deltas_are_paired_by_seed_with_the_spread_of_the_differences():
+    results = [
+        fake_result("trades", 0, worst=0.10, avg=0.60),
+        fake_result("trades", 1, worst=0.30, avg=0.70),
+        fake_result("trades", 2, worst=0.20, avg=0.65),
+        fake_result("wat", 0, worst=0.20, avg=0.60),  # +10, +0
+        fake_result("wat", 1, worst=0.50, avg=0.75),  # +20, +5
+        fake_result("faal", 2, worst=0.10, avg=0.50),  # -10, -15 (one seed: no spread)
+    ]
+    lines = fairness_run.deltas(results, ["trades", "wat", "faal"]).splitlines()
+    # wat: mean(+10, +20) = +15, stdev = 7.07; mean(0, +5) = +2.5, stdev = 3.54; seed 2 of trades not paired
+    assert lines[2] == "| WAT | +15.00 ± 7.07 | +2.50 ± 3.54 | 0, 1 |"
+    assert lines[3] == "| FAAL | -10.00 | -15.00 | 2 |"
+    assert len(lines) == 4
+
+
+def test_table_reports_mean_and_std_over_seeds_and_median_time():
+    results = [
+        fake_result("trades", 0, worst=0.10, avg=0.60, fit_seconds=60),
+        fake_result("trades", 1, worst=0.30, avg=0.70, fit_seconds=90),
+        fake_result("trades", 2, worst=0.20, avg=0.65, fit_seconds=300),
+    ]
+    row = fairness_run.table(results, ["trades"]).splitlines()[2].split(" | ")
+    # AutoAttack avg: mean 65.00, stdev 5.00; worst: mean 20.00, stdev 10.00; median of 2, 3, 10 s/epoch = 3.0
+    assert row[1] == "3"
+    assert row[4:6] == ["65.00 ± 5.00", "20.00 ± 10.00"]
+    assert row[-1] == "3.0 |"
+
+
+def test_record_keeps_every_run_and_replaces_a_rerun(tmp_path, monkeypatch):
+    monkeypatch.setattr(fairness_run, "HERE", tmp_path)
+    monkeypatch.setattr(fairness_run, "RESULTS_JSON", tmp_path / "results.json")
+    monkeypatch.setattr(fairness_run, "RESULTS_MD", tmp_path / "RESULTS.md")
+    fairness_run.record("digits", fake_result("trades", 0, worst=0.1, avg=0.6) | {"code": "abc1234"})
+    fairness_run.record("digits", fake_result("wat", 0, worst=0.2, avg=0.6) | {"code": "abc1234"})
+    fairness_run.record("digits", fake_result("trades", 0, worst=0.3, avg=0.6) | {"code": "def5678"})
+    stored = json.loads((tmp_path / "results.json").read_text())
+    runs = {(r["method"], r["seed"]): r for r in stored["protocols"]["digits"]}
+    assert set(runs) == {("trades", 0), ("wat", 0)}
+    assert runs["trades", 0]["evaluation"]["attacks"]["autoattack"]["worst"] == 0.3
+    assert fairness_run.recorded_runs("digits").keys() == runs.keys()
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "Runs on record: 2 of the 27 planned" in report
+    assert "Code: `abc1234`, `def5678`" in report
+    assert (tmp_path / "digits_classwise.png").stat().st_size > 0
+
+
+def test_code_version_names_the_commit():
+    version = fairness_run.code_version()
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        assert version == "unknown"
+    else:
+        assert version.removesuffix("+changes") == head.stdout.strip()

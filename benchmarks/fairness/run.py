@@ -329,7 +329,8 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
     """Worst-class and average robust accuracy (last attack) of each method minus the reference's.
 
     Paired by seed: each difference is a mean over the seeds that both methods have run (a sweep in
-    progress has more seeds of some methods than of others).
+    progress has more seeds of some methods than of others), ± the standard deviation of the per-seed
+    differences when there are several.
     """
     attack = attack_columns(results)[-1]
 
@@ -349,7 +350,11 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
         cells = []
         for key in ("worst", "avg"):
             ours, theirs = by_seed(method, key), by_seed(reference, key)
-            cells.append(f"{round(statistics.mean(ours[s] - theirs[s] for s in seeds), 2) + 0.0:+.2f}")
+            differences = [ours[s] - theirs[s] for s in seeds]
+            cell = f"{round(statistics.mean(differences), 2) + 0.0:+.2f}"
+            if len(differences) > 1:
+                cell += f" ± {statistics.stdev(differences):.2f}"
+            cells.append(cell)
         lines.append(f"| {LABELS.get(method, method)} | {cells[0]} | {cells[1]} | {', '.join(map(str, seeds))} |")
     return "\n".join(lines)
 
@@ -420,7 +425,8 @@ def write_report(
             table(results, spec.methods),
             "",
             *([notes[protocol], ""] if protocol in notes else []),
-            "Difference from TRADES (points; mean over the seeds both methods have run):",
+            "Difference from TRADES (points; mean ± std of the per-seed differences over the seeds both methods "
+            "have run):",
             "",
             deltas(results, spec.methods),
             "",
