@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,6 +14,14 @@ from torch import Tensor
 from confspec_lightning import functional as CF
 from confspec_lightning.evaluation.report import Divergence, summarize
 from confspec_lightning.io import atomic_write_text
+
+
+def percent_mean_std(values: list[float]) -> str:
+    """Fractions as ``"mean ± std"`` in percent (sample std over runs, e.g. seeds); one value alone."""
+    percents = [100 * v for v in values]
+    if len(percents) == 1:
+        return f"{percents[0]:.2f}"
+    return f"{statistics.mean(percents):.2f} ± {statistics.stdev(percents):.2f}"
 
 
 def _nan_to_none(values: list[float]) -> list[float | None]:

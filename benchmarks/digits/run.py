@@ -93,14 +93,9 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
     return result
 
 
-def mean_std(values: list[float]) -> str:
-    values = [100 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def table(results: list[dict], methods: list[str], which: str) -> str:
+    from confspec_lightning.reporting import percent_mean_std
+
     lines = [
         "| method | clean avg | clean worst | PGD-20 avg | PGD-20 worst | PGD-20 spread | ‖C‖₂ (test) "
         "| fit time (s, median) |",
@@ -110,7 +105,7 @@ def table(results: list[dict], methods: list[str], which: str) -> str:
         runs = [r for r in results if r["method"] == method]
         if not runs:
             continue
-        cells = [mean_std([r[which]["summary"][k] for r in runs]) for k in SUMMARY_KEYS]
+        cells = [percent_mean_std([r[which]["summary"][k] for r in runs]) for k in SUMMARY_KEYS]
         norm = [r[which]["confusion_spectral_norm"] for r in runs]
         norm_cell = f"{statistics.mean(norm):.3f}" + (f" ± {statistics.stdev(norm):.3f}" if len(norm) > 1 else "")
         seconds = statistics.median(r["fit_seconds"] for r in runs)

@@ -290,19 +290,14 @@ def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, ex
 
 
 # ------------------------------------------------------------------ reporting
-def mean_spread(values: list[float]) -> str:
-    values = [100 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def attack_columns(results: list[dict]) -> list[str]:
     names = results[0]["evaluation"]["attacks"]
     return [a for a in ("clean", "pgd20", "autoattack") if a in names]
 
 
 def table(results: list[dict], methods: list[str]) -> str:
+    from confspec_lightning.reporting import percent_mean_std
+
     attacks = attack_columns(results)
     titles = {"clean": "clean", "pgd20": "PGD-20", "autoattack": "AutoAttack"}
     head = ["method", "seeds"]
@@ -316,8 +311,8 @@ def table(results: list[dict], methods: list[str]) -> str:
             continue
         cells = [LABELS.get(method, method), str(len(runs))]
         for attack in attacks:
-            cells.append(mean_spread([r["evaluation"]["attacks"][attack]["avg"] for r in runs]))
-            cells.append(mean_spread([r["evaluation"]["attacks"][attack]["worst"] for r in runs]))
+            cells.append(percent_mean_std([r["evaluation"]["attacks"][attack]["avg"] for r in runs]))
+            cells.append(percent_mean_std([r["evaluation"]["attacks"][attack]["worst"] for r in runs]))
         norms = [r["evaluation"]["attacks"][attacks[-1]]["confusion_spectral_norm"] for r in runs]
         cells.append(f"{statistics.mean(norms):.3f}")
         cells.append(f"{statistics.median(r['fit_seconds'] / r['epochs'] for r in runs):.1f}")
