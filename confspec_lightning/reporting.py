@@ -16,12 +16,17 @@ from confspec_lightning.evaluation.report import Divergence, summarize
 from confspec_lightning.io import atomic_write_text
 
 
-def percent_mean_std(values: list[float]) -> str:
-    """Fractions as ``"mean ± std"`` in percent (sample std over runs, e.g. seeds); one value alone."""
-    percents = [100 * v for v in values]
-    if len(percents) == 1:
-        return f"{percents[0]:.2f}"
-    return f"{statistics.mean(percents):.2f} ± {statistics.stdev(percents):.2f}"
+def format_mean_std(values: list[float], *, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
+    """``"mean ± std"`` of ``scale * values`` over runs (e.g. seeds; sample std), the mean alone for one run.
+
+    ``scale=100`` turns fractions into percent; ``signed`` writes the mean with its sign (differences).
+    """
+    scaled = [scale * v for v in values]
+    mean = round(statistics.mean(scaled), digits) + 0.0  # + 0.0: a mean that rounds to zero is not "-0.00"
+    text = f"{mean:{'+' if signed else ''}.{digits}f}"
+    if len(scaled) > 1:
+        text += f" ± {statistics.stdev(scaled):.{digits}f}"
+    return text
 
 
 def _nan_to_none(values: list[float]) -> list[float | None]:

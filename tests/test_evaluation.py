@@ -387,3 +387,16 @@ def test_compare_reports_and_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_main([str(tmp_path / "a.json"), "--names", "x", "y"])
     assert "2 names for 1 reports" in capsys.readouterr().err
+
+
+def test_format_mean_std_over_runs():
+    from confspec_lightning.reporting import format_mean_std
+
+    assert format_mean_std([0.5], scale=100) == "50.00"
+    # mean 0.25 -> 25.00 %; sample std of (10, 40) points = sqrt(450) = 21.21
+    assert format_mean_std([0.1, 0.4], scale=100) == "25.00 ± 21.21"
+    # norms: 3 digits, std of (0.4, 0.5) = 0.0707
+    assert format_mean_std([0.4, 0.5], digits=3) == "0.450 ± 0.071"
+    # signed differences; a mean that rounds to zero is written +0.00, not -0.00
+    assert format_mean_std([-2.0, 4.0], signed=True) == "+1.00 ± 4.24"
+    assert format_mean_std([-0.001], signed=True) == "+0.00"

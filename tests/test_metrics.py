@@ -55,11 +55,3 @@ def test_bad_arguments_are_named():
         RobustConfusionMatrix(3, gamma=1.5)
     with pytest.raises(ValueError, match=r"shape \(batch, num_classes=3\)"):
         RobustConfusionMatrix(3).update(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
-
-
-def test_percent_mean_std_formats_fractions_over_runs():
-    from confspec_lightning.reporting import percent_mean_std
-
-    assert percent_mean_std([0.5]) == "50.00"
-    # mean 0.25 -> 25.00; sample std of (10, 40) points = sqrt(450) = 21.21
-    assert percent_mean_std([0.1, 0.4]) == "25.00 ± 21.21"

@@ -94,7 +94,7 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
 
 
 def table(results: list[dict], methods: list[str], which: str) -> str:
-    from confspec_lightning.reporting import percent_mean_std
+    from confspec_lightning.reporting import format_mean_std
 
     lines = [
         "| method | clean avg | clean worst | PGD-20 avg | PGD-20 worst | PGD-20 spread | ‖C‖₂ (test) "
@@ -105,9 +105,9 @@ def table(results: list[dict], methods: list[str], which: str) -> str:
         runs = [r for r in results if r["method"] == method]
         if not runs:
             continue
-        cells = [percent_mean_std([r[which]["summary"][k] for r in runs]) for k in SUMMARY_KEYS]
+        cells = [format_mean_std([r[which]["summary"][k] for r in runs], scale=100) for k in SUMMARY_KEYS]
         norm = [r[which]["confusion_spectral_norm"] for r in runs]
-        norm_cell = f"{statistics.mean(norm):.3f}" + (f" ± {statistics.stdev(norm):.3f}" if len(norm) > 1 else "")
+        norm_cell = format_mean_std(norm, digits=3)
         seconds = statistics.median(r["fit_seconds"] for r in runs)
         lines.append(f"| {LABELS[method]} | {' | '.join(cells)} | {norm_cell} | {seconds:.0f} |")
     return "\n".join(lines)

@@ -296,7 +296,7 @@ def attack_columns(results: list[dict]) -> list[str]:
 
 
 def table(results: list[dict], methods: list[str]) -> str:
-    from confspec_lightning.reporting import percent_mean_std
+    from confspec_lightning.reporting import format_mean_std
 
     attacks = attack_columns(results)
     titles = {"clean": "clean", "pgd20": "PGD-20", "autoattack": "AutoAttack"}
@@ -311,8 +311,8 @@ def table(results: list[dict], methods: list[str]) -> str:
             continue
         cells = [LABELS.get(method, method), str(len(runs))]
         for attack in attacks:
-            cells.append(percent_mean_std([r["evaluation"]["attacks"][attack]["avg"] for r in runs]))
-            cells.append(percent_mean_std([r["evaluation"]["attacks"][attack]["worst"] for r in runs]))
+            cells.append(format_mean_std([r["evaluation"]["attacks"][attack]["avg"] for r in runs], scale=100))
+            cells.append(format_mean_std([r["evaluation"]["attacks"][attack]["worst"] for r in runs], scale=100))
         norms = [r["evaluation"]["attacks"][attacks[-1]]["confusion_spectral_norm"] for r in runs]
         cells.append(f"{statistics.mean(norms):.3f}")
         cells.append(f"{statistics.median(r['fit_seconds'] / r['epochs'] for r in runs):.1f}")
@@ -327,6 +327,8 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
     progress has more seeds of some methods than of others), ± the standard deviation of the per-seed
     differences when there are several.
     """
+    from confspec_lightning.reporting import format_mean_std
+
     attack = attack_columns(results)[-1]
 
     def by_seed(method: str, key: str) -> dict[int, float]:
@@ -346,10 +348,7 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
         for key in ("worst", "avg"):
             ours, theirs = by_seed(method, key), by_seed(reference, key)
             differences = [ours[s] - theirs[s] for s in seeds]
-            cell = f"{round(statistics.mean(differences), 2) + 0.0:+.2f}"
-            if len(differences) > 1:
-                cell += f" ± {statistics.stdev(differences):.2f}"
-            cells.append(cell)
+            cells.append(format_mean_std(differences, signed=True))
         lines.append(f"| {LABELS.get(method, method)} | {cells[0]} | {cells[1]} | {', '.join(map(str, seeds))} |")
     return "\n".join(lines)
 
