@@ -7,7 +7,11 @@ ICLR 2025 (arXiv 2501.13273); the behaviour follows the project's ``method.md`` 
   (:func:`confusion_from_predictions` builds the same C from predicted labels).
 * :func:`spectral_direction` - G = u1 v1^T = d sigma_max(C) / dC (float64 SVD, non-negative,
   optionally rescaled to [0.01, 2.01]).
-* :func:`csr_weights` - per-sample weights w_k = G[yhat_k, y_k].
+* :func:`csr_weights` - per-sample weights w_k = G[yhat_k, y_k] (the code form's loss).
+* :func:`surrogate_contributions`, :func:`surrogate_confusion`, :func:`top_singular_pair`,
+  :func:`spectral_penalty` - the paper form: a surrogate confusion matrix L (counts, KL or soft values per
+  cell, normalised per true class) and its spectral norm sigma_max(L), differentiated through.
+* :func:`confusion_diagnostics` - ||C||_2, ||C||_1, sigma_1 / sigma_2 and nu = ||C||_1 / ||C||_2.
 * :func:`spectral_norm`, :func:`classwise_error`, :func:`classwise_accuracy` - summaries of C.
 * :func:`kendall_tau` - Kendall's tau-b rank correlation (train/test divergence diagnostic).
 
@@ -25,9 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from confspec_lightning.attacks import check_choice, check_int, check_real
+from confspec_lightning.objectives import cross_entropy
 
 Margin = Literal["relative", "additive"]
 MARGINS: tuple[str, ...] = ("relative", "additive")
+#: What a sample charges to its confusion cell (docs/method.md, "CSR: the paper's form").
+Surrogate = Literal["counts", "kl", "soft"]
+SURROGATES: tuple[str, ...] = ("counts", "kl", "soft")
 
 
 def margin_predictions(logits: Tensor, target: Tensor, gamma: float = 0.0, margin: Margin = "relative") -> Tensor:
@@ -164,8 +172,50 @@ def confusion_from_counts(errors: Tensor, class_counts: Tensor, normalize: bool 
     return confusion
 
 
+def _check_confusion(confusion: Tensor) -> Tensor:
+    """The matrix as float64 after checking it is square, K >= 1, finite and non-negative (one host sync)."""
+    if not isinstance(confusion, Tensor) or confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        shape = tuple(confusion.shape) if isinstance(confusion, Tensor) else type(confusion).__name__
+        raise ValueError(f"confusion must be a square (K, K) matrix; got shape {shape}.")
+    if confusion.shape[0] == 0:
+        raise ValueError("confusion must be a square (K, K) matrix with K >= 1; got shape (0, 0).")
+    c = confusion.detach().to(torch.float64)
+    if not bool((torch.isfinite(c) & (c >= 0)).all()):
+        bad = c[~(torch.isfinite(c) & (c >= 0))][0].item()
+        raise ValueError(
+            f"confusion holds the entry {bad!r}; a confusion matrix needs finite, non-negative entries (error counts)."
+        )
+    return c
+
+
+def top_singular_pair(confusion: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular vectors u1, v1 (taken non-negative) and all singular values of a non-negative matrix.
+
+    float64 SVD of C / max(C) (the vectors do not change; huge counts cannot overflow); the singular values
+    are scaled back. u1 v1^T = d sigma_max(C) / dC wherever sigma_1 > sigma_2; with tied top singular values
+    it is one valid subgradient (Perron-Frobenius: a non-negative top pair exists; taking absolute values of
+    the SVD's pair gives one). A zero matrix gives u1 = v1 = 0 and singular values 0 (no direction).
+
+    Returns:
+        ``(u1, v1, singular_values)``, float64 (K,), (K,), (K,), detached.
+
+    Raises:
+        ValueError: C is not square, or has a NaN, infinite or negative entry (one host-device sync).
+    """
+    c = _check_confusion(confusion)
+    scale = c.max()
+    c = c / torch.where(scale > 0, scale, 1.0)
+    u, s, vh = torch.linalg.svd(c)
+    nonzero = scale > 0
+    return (
+        torch.where(nonzero, u[:, 0].abs(), 0.0),
+        torch.where(nonzero, vh[0, :].abs(), 0.0),
+        s * torch.where(nonzero, scale, 0.0),
+    )
+
+
 def spectral_direction(confusion: Tensor, rescale: bool = True) -> Tensor:
-    """Top singular direction G = u1 v1^T of the confusion matrix (method.md section 2).
+    """Top singular direction G = u1 v1^T of the confusion matrix (the code form's weights).
 
     C = U S V^T in float64; u1, v1 are taken non-negative (Perron-Frobenius: C >= 0), so G >= 0.
     With ``rescale`` (authors' code): G <- 2 (G - min G) / (max G - min G) + 0.01, in [0.01, 2.01].
@@ -178,24 +228,17 @@ def spectral_direction(confusion: Tensor, rescale: bool = True) -> Tensor:
     Raises:
         ValueError: C is not square, or has a NaN, infinite or negative entry (one host-device sync).
     """
-    if not isinstance(confusion, Tensor) or confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-        shape = tuple(confusion.shape) if isinstance(confusion, Tensor) else type(confusion).__name__
-        raise ValueError(f"confusion must be a square (K, K) matrix; got shape {shape}.")
-    if confusion.shape[0] == 0:
-        raise ValueError("confusion must be a square (K, K) matrix with K >= 1; got shape (0, 0).")
-    c = confusion.detach().to(torch.float64)
-    if not bool((torch.isfinite(c) & (c >= 0)).all()):
-        bad = c[~(torch.isfinite(c) & (c >= 0))][0].item()
-        raise ValueError(
-            f"confusion holds the entry {bad!r}; a confusion matrix needs finite, non-negative entries (error counts)."
-        )
-    c = c / torch.where(c.max() > 0, c.max(), 1.0)
-    u, _, vh = torch.linalg.svd(c)
-    direction = torch.outer(u[:, 0].abs(), vh[0, :].abs())
+    u, v, _ = top_singular_pair(confusion)
+    return direction_from_singular_vectors(u, v, rescale)
+
+
+def direction_from_singular_vectors(u: Tensor, v: Tensor, rescale: bool = True) -> Tensor:
+    """G = u v^T with :func:`spectral_direction`'s rescale and guard (u = 0 or a constant G: all ones)."""
+    direction = torch.outer(u, v)
     ones = torch.ones_like(direction)
     g_min, g_max = direction.min(), direction.max()
     # max G == min G up to float64 SVD round-off (a constant G would otherwise rescale noise)
-    degenerate = (c.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
+    degenerate = (u.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
     if rescale:
         direction = 2.0 * (direction - g_min) / torch.where(degenerate, 1.0, g_max - g_min) + 0.01
     return torch.where(degenerate, ones, direction)
@@ -219,6 +262,96 @@ def csr_weights(direction: Tensor, adv_logits: Tensor, target: Tensor, include_d
     if not include_diagonal:
         weights = torch.where(pred == target, torch.zeros_like(weights), weights)
     return weights
+
+
+def surrogate_contributions(
+    adv_logits: Tensor,
+    target: Tensor,
+    surrogate: Surrogate = "kl",
+    gamma: float = 0.0,
+    margin: Margin = "additive",
+    adv_ce: Tensor | None = None,
+) -> Tensor:
+    """What each sample charges to the cells of its true-class column: S (B, K), S[k, i] for cell (i, y_k).
+
+    * ``counts``: 1 in the cell (i_k, y_k) of a charged sample (not differentiable);
+    * ``kl`` (paper): CE(f(x_adv_k), y_k) = KL(onehot(y_k) || p(x_adv_k)) in that cell (differentiable);
+    * ``soft``: p_i(x_adv_k) in every cell i != y_k (a soft confusion matrix; every sample, no margin).
+
+    i_k = argmax_{c != y_k} z_k[c] is the top wrong class; a sample is charged when its prediction after the
+    margin (:func:`margin_predictions`) is wrong, which with gamma = 0 means misclassified. S[k, y_k] = 0.
+
+    Args:
+        adv_logits: (B, K) logits of the adversarial examples (with their graph for ``kl``/``soft``).
+        target: (B,) true classes.
+        surrogate: ``"counts"``, ``"kl"`` or ``"soft"``.
+        gamma: confusion margin of the charge test (``counts``/``kl``).
+        margin: ``"additive"`` (paper: wrong logits + gamma) or ``"relative"`` (code: true logit x (1 - gamma)).
+        adv_ce: per-sample CE of ``adv_logits`` if already computed (the training forward's, reused).
+
+    Returns:
+        float32 (B, K).
+    """
+    check_choice("surrogate", surrogate, SURROGATES)
+    num_classes = adv_logits.shape[1]
+    is_true = F.one_hot(target, num_classes).bool()
+    if surrogate == "soft":
+        return adv_logits.float().softmax(dim=1).masked_fill(is_true, 0.0)
+    pred = margin_predictions(adv_logits, target, gamma, margin)
+    charged = F.one_hot(pred, num_classes).float() * (pred != target).float()[:, None]
+    if surrogate == "counts":
+        return charged
+    ce = cross_entropy(adv_logits, target) if adv_ce is None else adv_ce.float()
+    return charged * ce[:, None]
+
+
+def surrogate_confusion(contributions: Tensor, target: Tensor, class_counts: Tensor | None = None) -> Tensor:
+    """L (K, K) from per-sample contributions: L[:, j] = sum_{k: y_k = j} S[k, :] (/ m_j with ``class_counts``).
+
+    Differentiable in ``contributions``; float32 unless the contributions are float64. With ``class_counts``
+    (m_j, e.g. the global batch's) each column is divided by its class count (classes with none stay 0).
+    """
+    num_classes = contributions.shape[1]
+    matrix = contributions.new_zeros(num_classes, num_classes).index_add(1, target, contributions.t())
+    if class_counts is not None:
+        matrix = matrix / class_counts.to(matrix).clamp_min(1.0)
+    return matrix
+
+
+def spectral_penalty(direction: Tensor, contributions: Tensor, target: Tensor, class_counts: Tensor | None) -> Tensor:
+    """sum_ij G_ij L_ij = sum_k sum_i G[i, y_k] S[k, i] / m_{y_k}: the paper form's penalty for a direction G.
+
+    With G = u1 v1^T of L itself this *is* sigma_max(L) = u1^T L v1, and its gradient is that of
+    ``torch.linalg.matrix_norm(L, ord=2)`` (G a constant). With G from another matrix (the previous epoch's,
+    an EMA) it is the first-order step along that matrix's top singular direction. Scalar, float32.
+    """
+    weights = direction.to(device=contributions.device, dtype=torch.float32)[:, target].t()  # (B, K): G[i, y_k]
+    per_sample = (weights * contributions.float()).sum(dim=1)
+    if class_counts is not None:
+        per_sample = per_sample / class_counts.to(per_sample).clamp_min(1.0)[target]
+    return per_sample.sum()
+
+
+def confusion_diagnostics(rates: Tensor) -> dict[str, Tensor]:
+    """What CSR targets, from a robust confusion matrix of per-class error rates (zero diagonal).
+
+    ``spectral_norm`` = ||C||_2 = sigma_1, ``sigma_2``, ``sigma_ratio`` = sigma_1 / sigma_2 (inf when
+    sigma_2 = 0), ``l1_norm`` = ||C||_1 = max column sum = the worst-class robust error, and
+    ``nu`` = ||C||_1 / ||C||_2 (the factor of the paper's bound ||C||_1 <= nu ||C||_2; 0 < nu <= sqrt(K) for C != 0;
+    NaN for C = 0). float64 scalars.
+    """
+    c = rates.detach().to(torch.float64)
+    singular = torch.linalg.svdvals(c)
+    sigma_1 = singular[0]
+    sigma_2 = singular[1] if singular.numel() > 1 else torch.zeros_like(sigma_1)
+    l1 = c.sum(dim=0).max()
+    return {
+        "spectral_norm": sigma_1,
+        "sigma_2": sigma_2,
+        "sigma_ratio": torch.where(sigma_2 > 0, sigma_1 / sigma_2, torch.full_like(sigma_1, float("inf"))),
+        "l1_norm": l1,
+        "nu": torch.where(sigma_1 > 0, l1 / sigma_1, torch.full_like(sigma_1, float("nan"))),
+    }
 
 
 def spectral_norm(confusion: Tensor) -> Tensor:

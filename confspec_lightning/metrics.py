@@ -10,14 +10,29 @@ from torchmetrics import Metric
 
 from confspec_lightning import functional as CF
 from confspec_lightning.attacks import check_choice
-from confspec_lightning.functional import MARGINS, Margin
+from confspec_lightning.functional import MARGINS, SURROGATES, Margin, Surrogate
 
 
-class RobustConfusionMatrix(Metric):
+class _StatisticsMetric(Metric):
+    """A metric of summed statistics whose states stay on the metric's device when a checkpoint is loaded."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint is loaded on the CPU; keep the states on the device (and dtype) the metric lives on.
+        for key in self._defaults:
+            if prefix + key in state_dict:
+                current = getattr(self, key)
+                state_dict[prefix + key] = state_dict[prefix + key].to(device=current.device, dtype=current.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class RobustConfusionMatrix(_StatisticsMetric):
     """Accumulates the robust confusion matrix C (rows = predicted, columns = true, zero diagonal).
 
     States (both ``dist_reduce_fx="sum"``, so ``compute()`` sums them over every DDP rank):
-    ``errors`` (K, K) int64 error counts and ``class_counts`` (K,) int64 samples per true class.
+    ``errors`` (K, K), what the samples charged to each cell, and ``class_counts`` (K,) int64 samples per
+    true class. With ``surrogate="counts"`` (default) ``errors`` holds int64 error counts; with ``"kl"`` or
+    ``"soft"`` it holds float64 sums of the surrogate values
+    (:func:`~confspec_lightning.functional.surrogate_contributions`), the matrix CSR's paper form uses.
     ``compute()`` returns C as float64 (normalised per true class when ``normalize``).
     ``update`` only launches device kernels; it never synchronises host and device.
 
@@ -26,6 +41,7 @@ class RobustConfusionMatrix(Metric):
         gamma: confusion margin (see :func:`confspec_lightning.functional.margin_predictions`).
         margin: ``"relative"`` (authors' code) or ``"additive"`` (paper).
         normalize: divide each column by its class count (rates instead of counts).
+        surrogate: ``"counts"``, ``"kl"`` or ``"soft"``: what a sample adds to its cell.
     """
 
     is_differentiable = False
@@ -41,27 +57,36 @@ class RobustConfusionMatrix(Metric):
         gamma: float = 0.0,
         margin: Margin = "relative",
         normalize: bool = False,
+        surrogate: Surrogate = "counts",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} is not accepted; it must be an integer >= 2.")
         check_choice("margin", margin, MARGINS)
+        check_choice("surrogate", surrogate, SURROGATES)
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma={gamma!r} is not accepted; it must lie in [0, 1).")
         self.num_classes = num_classes
         self.gamma = gamma
         self.margin = margin
         self.normalize = normalize
+        self.surrogate = surrogate
         k = num_classes
-        self.add_state("errors", torch.zeros(k, k, dtype=torch.long), dist_reduce_fx="sum")
+        dtype = torch.long if surrogate == "counts" else torch.float64
+        self.add_state("errors", torch.zeros(k, k, dtype=dtype), dist_reduce_fx="sum")
         self.add_state("class_counts", torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Add a batch of logits (B, K) with labels (B,)."""
         CF._check_inputs(logits, target, self.num_classes)
-        pred = CF.margin_predictions(logits, target, self.gamma, self.margin)
-        CF.accumulate_confusion_(self.errors, self.class_counts, pred, target)
+        if self.surrogate == "counts":
+            pred = CF.margin_predictions(logits, target, self.gamma, self.margin)
+            CF.accumulate_confusion_(self.errors, self.class_counts, pred, target)
+            return
+        contributions = CF.surrogate_contributions(logits.detach(), target, self.surrogate, self.gamma, self.margin)
+        self.errors.index_add_(1, target, contributions.t().to(self.errors.dtype))
+        self.class_counts.scatter_add_(0, target, torch.ones_like(target))
 
     def compute(self) -> Tensor:
         """C as float64 (K, K); normalised per true class when ``normalize``."""
@@ -69,7 +94,7 @@ class RobustConfusionMatrix(Metric):
 
     # Summaries of the accumulated (and, under DDP, synchronised) state.
     def classwise_accuracy(self) -> Tensor:
-        """Per-class accuracy (K,) float64 over all ranks; NaN for a class without samples."""
+        """Per-class accuracy (K,) float64 over all ranks (``counts`` only); NaN for a class without samples."""
         errors, counts = self.synced_state()
         return CF.classwise_accuracy(errors, counts)
 
@@ -84,15 +109,8 @@ class RobustConfusionMatrix(Metric):
 
     def synced_state(self) -> tuple[Tensor, Tensor]:
         """(errors, class_counts) summed over all DDP ranks (a collective: call it on every rank)."""
-        with self.sync_context(should_sync=self.sync_on_compute, should_unsync=True):
-            return self.errors.clone(), self.class_counts.clone()
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        # A checkpoint is loaded on the CPU; keep the states on the device the metric lives on.
-        for key in ("errors", "class_counts"):
-            if prefix + key in state_dict:
-                state_dict[prefix + key] = state_dict[prefix + key].to(getattr(self, key).device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        states = synced_states(self)
+        return states["errors"], states["class_counts"]
 
     def plot(  # type: ignore[override]
         self,
@@ -110,3 +128,46 @@ class RobustConfusionMatrix(Metric):
 
         confusion = self.compute() if val is None else val
         return confusion_heatmap(confusion, class_names=class_names, title=title, ax=ax)
+
+
+def synced_states(metric: Metric) -> dict[str, Tensor]:
+    """Copies of every state of ``metric`` reduced over all DDP ranks (a collective: call it on every rank)."""
+    with metric.sync_context(should_sync=metric.sync_on_compute, should_unsync=True):
+        return {name: getattr(metric, name).clone() for name in metric._defaults}
+
+
+class ClassProbabilityMatrix(_StatisticsMetric):
+    """Mean predicted distribution per true class: P[i, j] = mean over class-i samples of p_j(x).
+
+    Rows are the true class (unlike the confusion matrix, whose columns are), as DAFA (Lee et al., ICLR 2024)
+    defines it. States ``probability_sums`` (K, K) float64 and ``class_counts`` (K,) int64, both sum-reduced
+    over DDP ranks; ``compute()`` returns P (float64; a row without samples is 0). Softmax in float32.
+
+    Args:
+        num_classes: K.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    probability_sums: Tensor
+    class_counts: Tensor
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r} is not accepted; it must be an integer >= 2.")
+        self.num_classes = num_classes
+        self.add_state("probability_sums", torch.zeros(num_classes, num_classes, dtype=torch.float64), "sum")
+        self.add_state("class_counts", torch.zeros(num_classes, dtype=torch.long), "sum")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """Add a batch of logits (B, K) with labels (B,)."""
+        CF._check_inputs(logits, target, self.num_classes)
+        probabilities = logits.detach().float().softmax(dim=1).to(torch.float64)
+        self.probability_sums.index_add_(0, target, probabilities)
+        self.class_counts.scatter_add_(0, target, torch.ones_like(target))
+
+    def compute(self) -> Tensor:
+        """P (K, K) float64, rows = true class."""
+        return self.probability_sums / self.class_counts.to(torch.float64).clamp_min(1.0)[:, None]

@@ -25,16 +25,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
+from torchmetrics import Metric
 
+from confspec_lightning import functional as CF
 from confspec_lightning.attacks import AttackConfig, check_bool, check_choice, check_int, check_real, eval_mode
 from confspec_lightning.evaluation.autoattack import AutoAttackVersion, autoattack_predictions, check_autoattack_options
 from confspec_lightning.evaluation.report import Divergence, EvaluationReport
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
-from confspec_lightning.metrics import RobustConfusionMatrix
+from confspec_lightning.metrics import RobustConfusionMatrix, synced_states
 from confspec_lightning.models.normalize import Normalize
 from confspec_lightning.models.weights import load_backbone_weights, load_error, raised_by_torch_load
 from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
-from confspec_lightning.reporting import ClasswiseReport
+from confspec_lightning.reporting import ClasswiseReport, diagnostics_from_rates
 
 try:  # set by LightningCLI while it instantiates the module (hyperparameters come from the config)
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -216,6 +218,12 @@ class RobustFairLitModule(pl.LightningModule):
                     f"objective {objective!r} does not have (its terms: {list(self.objective.terms)}); use "
                     "objective: trades."
                 )
+        budget_setters = [type(m).__name__ for m in self.fairness if m.sets_attack_budget]
+        if len(budget_setters) > 1:
+            raise ValueError(
+                f"two fairness methods both set per-sample attack budgets ({' and '.join(budget_setters)}; e.g. FRL "
+                "reweight_remargin and CFA classwise_eps); keep only one."
+            )
         # the last epoch whose end-of-epoch fairness hooks ran (in checkpoints, so a resume neither repeats
         # nor skips them)
         self.register_buffer("fairness_epoch_end_done", torch.tensor(-1, dtype=torch.long))
@@ -250,6 +258,11 @@ class RobustFairLitModule(pl.LightningModule):
                 for kind in ("clean", "robust")
             }
         )
+        # the training-set robust confusion, from the adversarial predictions training makes (free); its
+        # diagnostics are logged at every validation (train/confusion_*), see docs/method.md
+        self.train_confusion = RobustConfusionMatrix(num_classes)
+        self.train_confusion.persistent(True)
+        self.diagnostics_history: list[dict[str, Any]] = []
         self.reports: dict[str, ClasswiseReport] = {}
         self._eval_generator: torch.Generator | None = None
         # device-side record of the first non-finite step since the last check (nonfinite_check_interval > 1)
@@ -359,6 +372,7 @@ class RobustFairLitModule(pl.LightningModule):
         self.check_finite(loss, parts, batch_idx)
         for method in self.fairness:
             method.on_train_batch_end(output, target)
+        self.train_confusion.update(output.adv_logits.detach(), target)
         batch_size = target.shape[0]
         robust_acc = (output.adv_logits.detach().argmax(dim=1) == target).float().mean()
         # step values stay local (no per-step collective); epoch values are averaged over ranks once
@@ -511,6 +525,28 @@ class RobustFairLitModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._fairness_epoch_end(self.current_epoch)
+        diagnostics = self._train_confusion_diagnostics()  # an epoch without validation logs them here
+        if diagnostics is not None:
+            self.diagnostics_history.append({"epoch": self.current_epoch, "train": diagnostics})
+
+    def _train_confusion_diagnostics(self) -> dict[str, float] | None:
+        """Diagnostics of the training robust confusion since the last call (logged; None without samples).
+
+        A collective under DDP (every rank calls it); resets the accumulator.
+        """
+        errors, counts = self.train_confusion.synced_state()
+        self.train_confusion.reset()
+        if int(counts.sum()) == 0:
+            return None
+        diagnostics = diagnostics_from_rates(CF.confusion_from_counts(errors, counts, normalize=True))
+        diagnostics["robust_acc"] = float(1.0 - errors.sum() / counts.sum())
+        self.log_dict(
+            {f"train/confusion_{k}": v for k, v in diagnostics.items() if k != "robust_acc"},
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
+        return diagnostics
 
     def _use_evaluation_weights(self) -> None:
         """Evaluate with a method's weights (CFA's average) where one offers them; the trained ones are kept."""
@@ -625,6 +661,13 @@ class RobustFairLitModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         report = self._finish_evaluation("val")
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            entry = {"epoch": self.current_epoch, "val": report.diagnostics}
+            train = self._train_confusion_diagnostics()
+            if train is not None:
+                entry["train"] = train
+            self.diagnostics_history.append(entry)
+            report.history = list(self.diagnostics_history)
         if len(self.trainer.num_val_batches) > 1:  # the data module also gave a train subset
             train_report = self._finish_evaluation("train_eval", figures=False)
             report.divergence = Divergence.from_accuracies(
@@ -735,33 +778,39 @@ class RobustFairLitModule(pl.LightningModule):
         return out
 
     # ------------------------------------------------------------ checkpoints
-    def _persistent_confusions(self) -> Iterator[tuple[str, RobustConfusionMatrix]]:
+    def _persistent_metrics(self) -> Iterator[tuple[str, Metric]]:
+        """The metrics whose states checkpoints carry: the training confusion and the fairness methods' statistics."""
+        yield "train_confusion", self.train_confusion
         for name, module in self.fairness.named_modules(prefix="fairness"):
-            if isinstance(module, RobustConfusionMatrix) and module._persistent.get("errors", False):
+            if isinstance(module, Metric) and any(module._persistent.values()):
                 yield name, module
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the confusion statistics of fairness methods summed over all ranks (runs on every rank).
+        """Store the persistent metric states (confusion statistics) summed over all ranks (runs on every rank).
 
         Metric states are per rank; the checkpoint holds their global sum, and on loading only rank 0
         keeps it (the others start from zero), so the synced sum is the same after a resume, whatever
         the number of processes.
         """
         state = checkpoint["state_dict"]
-        for name, metric in self._persistent_confusions():
-            errors, counts = metric.synced_state()
-            state[f"{name}.errors"] = errors.detach().cpu()
-            state[f"{name}.class_counts"] = counts.detach().cpu()
+        for name, metric in self._persistent_metrics():
+            for key, value in synced_states(metric).items():
+                state[f"{name}.{key}"] = value.detach().cpu()
+        checkpoint["diagnostics_history"] = list(self.diagnostics_history)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_epoch = checkpoint.get("epoch")  # validate/test report the checkpoint's epoch
         # checkpoints written before the end-of-epoch hooks existed (0.1) lack the counter
         checkpoint["state_dict"].setdefault("fairness_epoch_end_done", torch.tensor(-1, dtype=torch.long))
+        # checkpoints written before the training confusion was kept (0.1) lack it
+        for key, value in self.train_confusion.state_dict(prefix="train_confusion.").items():
+            checkpoint["state_dict"].setdefault(key, torch.zeros_like(value))
+        self.diagnostics_history = list(checkpoint.get("diagnostics_history", []))
         if self._trainer is None or self.global_rank == 0:
             return
         state = checkpoint["state_dict"]
-        for name, _ in self._persistent_confusions():
-            for key in ("errors", "class_counts"):
+        for name, metric in self._persistent_metrics():
+            for key in metric._defaults:
                 if f"{name}.{key}" in state:
                     state[f"{name}.{key}"] = torch.zeros_like(state[f"{name}.{key}"])
 

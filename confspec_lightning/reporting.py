@@ -6,7 +6,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -33,6 +33,15 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
     return [None if math.isnan(v) else v for v in values]
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def diagnostics_from_rates(rates: Tensor) -> dict[str, float]:
+    """:func:`~confspec_lightning.functional.confusion_diagnostics` as plain floats."""
+    return {key: float(value) for key, value in CF.confusion_diagnostics(rates).items()}
+
+
 @dataclass
 class ClasswiseReport:
     """Clean and robust accuracy of every class, and the robust confusion matrix of one split.
@@ -40,7 +49,10 @@ class ClasswiseReport:
     ``avg`` is the mean over classes (class-balanced accuracy), ``worst`` the minimum over classes,
     ``spread`` = best - worst class. The confusion matrix holds per-true-class error rates, so its
     column sums are the class-wise robust errors and ``confusion_spectral_norm`` = ||C||_2 is
-    comparable across splits of different sizes.
+    comparable across splits of different sizes. ``diagnostics`` holds what CSR targets
+    (:func:`~confspec_lightning.functional.confusion_diagnostics`: ||C||_2, sigma_2, sigma_1 / sigma_2,
+    ||C||_1 = worst-class robust error, nu = ||C||_1 / ||C||_2); ``history`` (fit only) one entry per
+    evaluated epoch with these diagnostics of this split and of the training-set robust confusion.
     """
 
     stage: str
@@ -53,6 +65,8 @@ class ClasswiseReport:
     confusion: list[list[float]]
     confusion_spectral_norm: float
     divergence: Divergence | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_state(
@@ -77,6 +91,7 @@ class ClasswiseReport:
             class_counts=class_counts.cpu().tolist(),
             confusion=rates.cpu().tolist(),
             confusion_spectral_norm=float(CF.spectral_norm(rates)),
+            diagnostics=diagnostics_from_rates(rates),
         )
 
     def _name(self, index: int | None) -> str:
@@ -91,6 +106,9 @@ class ClasswiseReport:
             out[f"{self.stage}/{kind}_worst"] = worst
             out[f"{self.stage}/{kind}_spread"] = spread
         out[f"{self.stage}/confusion_spectral_norm"] = self.confusion_spectral_norm
+        for key in ("sigma_2", "sigma_ratio", "l1_norm", "nu"):
+            if key in self.diagnostics:
+                out[f"{self.stage}/confusion_{key}"] = self.diagnostics[key]
         return out
 
     def classwise_scalars(self) -> dict[str, float]:
@@ -122,6 +140,12 @@ class ClasswiseReport:
             f"{'spread':<{width}}  {'':>5}  {100 * c_spread:>8.2f}  {100 * r_spread:>8.2f}",
             f"||C||_2 of the robust confusion matrix (per-class error rates): {self.confusion_spectral_norm:.4f}",
         ]
+        if self.diagnostics:
+            d = self.diagnostics
+            lines.append(
+                f"||C||_1 (worst-class robust error) {d['l1_norm']:.4f}, sigma_1 / sigma_2 {d['sigma_ratio']:.3f}, "
+                f"nu = ||C||_1 / ||C||_2 {d['nu']:.3f}"
+            )
         if self.divergence is not None:
             train_avg, _, _, _ = summarize(self.divergence.train_acc)
             lines.append(
@@ -135,7 +159,15 @@ class ClasswiseReport:
         data = asdict(self)
         data["clean_acc"] = _nan_to_none(self.clean_acc)
         data["robust_acc"] = _nan_to_none(self.robust_acc)
-        data["summary"] = {k.split("/", 1)[1]: (None if math.isnan(v) else v) for k, v in self.scalars().items()}
+        data["summary"] = {k.split("/", 1)[1]: _finite_or_none(v) for k, v in self.scalars().items()}
+        data["diagnostics"] = {k: _finite_or_none(v) for k, v in self.diagnostics.items()}
+        data["history"] = [
+            {
+                key: ({k: _finite_or_none(v) for k, v in value.items()} if isinstance(value, dict) else value)
+                for key, value in entry.items()
+            }
+            for entry in self.history
+        ]
         if self.divergence is not None:
             data["divergence"] = {
                 k: (_nan_to_none(v) if isinstance(v, list) else (None if isinstance(v, float) and math.isnan(v) else v))

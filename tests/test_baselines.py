@@ -1,4 +1,4 @@
-"""FRL, FAAL, CFA and WAT: state updates on hand-computed statistics, losses, checkpoints and resume."""
+"""FRL, FAAL, CFA, WAT and DAFA: state updates on hand-computed statistics, losses, checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from confspec_lightning import AttackConfig
 from confspec_lightning.data import DigitsDataModule
-from confspec_lightning.fairness import CFA, CSR, FAAL, FRL, WAT
+from confspec_lightning.fairness import CFA, CSR, DAFA, FAAL, FRL, WAT
 from confspec_lightning.fairness.cfa import cfa_class_eps, cfa_trades_weights, ema_update
+from confspec_lightning.fairness.dafa import dafa_weights
 from confspec_lightning.fairness.faal import faal_class_weights, kl_from_uniform, probability_margins
 from confspec_lightning.fairness.frl import (
     frl_class_weights,
@@ -238,12 +239,83 @@ def test_wat_weights_and_loss_hand_computed():
         WAT(eta=-1)
 
 
+# -------------------------------------------------------------------- DAFA
+def test_dafa_weights_hand_computed():
+    # rows = true class; diag 0.6 < 0.7 < 0.8: class 0 is the hardest
+    p = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    # W0 = 1 + 0.3*0.7 + 0.1*0.8; W1 = 1 - 0.3*0.7 + 0.1*0.8; W2 = 1 - 0.1*0.8 - 0.1*0.8
+    torch.testing.assert_close(dafa_weights(p), torch.tensor([1.29, 0.87, 0.84], dtype=torch.float64))
+    torch.testing.assert_close(dafa_weights(p, lam=1.5), 1 + 1.5 * (dafa_weights(p) - 1))
+    # equally hard classes subtract from each other (the "else" branch)
+    tied = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(dafa_weights(tied), torch.tensor([0.75, 0.75], dtype=torch.float64))
+
+
+def test_dafa_records_the_last_warmup_epoch_then_reweights_budget_and_natural_ce():
+    from confspec_lightning.fairness.base import EpochContext
+
+    dafa = DAFA(warmup_epochs=2, lam=1.0)
+    dafa.bind(3)
+    output, target = trades_output(batch=6, classes=3)
+    context = EpochContext(None, list, list, QUICK_ATTACK, None, epoch=0)
+    dafa.on_train_epoch_start(context)
+    dafa.on_train_batch_end(output, target)  # epoch 0: not recorded
+    assert int(dafa.probabilities.class_counts.sum()) == 0
+    assert dafa.attack_budget(target, QUICK_ATTACK) == (None, None)
+    context.epoch = 1
+    dafa.on_train_epoch_start(context)
+    dafa.on_train_batch_end(output, target)
+    probabilities = torch.zeros(3, 3, dtype=torch.float64)
+    softmax = output.adv_logits.softmax(1).double()
+    for c in range(3):
+        probabilities[c] = softmax[target == c].mean(0)
+    dafa.on_train_epoch_end(context)
+    expected = dafa_weights(probabilities).clamp_min(0.1)
+    torch.testing.assert_close(dafa.weights, expected)
+    expected = expected.float()
+    assert bool(dafa.frozen)
+    context.epoch = 2
+    dafa.on_train_epoch_start(context)
+    eps, step = dafa.attack_budget(target, QUICK_ATTACK)
+    torch.testing.assert_close(eps, expected[target] * QUICK_ATTACK.eps)
+    torch.testing.assert_close(step, expected[target] * QUICK_ATTACK.step)
+    loss, _ = combine_terms(output, [dafa.loss_adjustment(output, target)])
+    ce, kl = output.terms["ce"], output.terms["kl"]
+    torch.testing.assert_close(loss, (expected[target] * ce).mean() + 6.0 * kl.mean())
+    with pytest.raises(ValueError, match=r"dafa\.min_weight=0"):
+        DAFA(min_weight=0)
+
+
+def test_dafa_clamps_negative_weights_with_a_warning():
+    dafa = DAFA(warmup_epochs=1, lam=10.0)
+    dafa.bind(2)
+    logits = torch.tensor([[4.0, 0.0], [0.0, 1.0]])  # class 0 easy, class 1 hard: W0 = 1 - 10 * ... < 0
+    target = torch.tensor([0, 1])
+    output = ObjectiveOutput(terms={}, coefficients={}, adv_logits=logits, adv_ce=torch.zeros(2))
+    from confspec_lightning.fairness.base import EpochContext
+
+    context = EpochContext(None, list, list, QUICK_ATTACK, None, epoch=0)
+    dafa.on_train_epoch_start(context)
+    dafa.on_train_batch_end(output, target)
+    with pytest.warns(UserWarning, match=r"dafa: class weights below dafa.min_weight=0.1 were clamped"):
+        dafa.on_train_epoch_end(context)
+    assert float(dafa.weights.min()) == pytest.approx(0.1) and bool((dafa.weights > 0).all())
+
+
+def test_dafa_finetuning_statistics_pass_before_the_first_epoch(chdir_tmp):
+    module = make_module(fairness=[DAFA(warmup_epochs=0)], train_attack=QUICK_ATTACK)
+    make_trainer(max_epochs=1, limit_train_batches=2).fit(module, DigitsDataModule(batch_size=64))
+    dafa = module.fairness[0]
+    assert bool(dafa.frozen) and not torch.equal(dafa.weights, torch.ones(10))
+
+
 # ------------------------------------------------- checkpoints and resume
 STATE_KEYS = {
     "frl": ["multiplier_nat", "multiplier_bndy", "multiplier_margin"],
     "faal": ["weight_sum", "weight_batches"],
     "cfa": ["train_robust_acc", "has_statistics", "average_updates", "train_confusion.errors"],
     "wat": ["cumulative_loss"],
+    "dafa": ["weights", "frozen", "probabilities.probability_sums"],
 }
 
 
@@ -253,10 +325,11 @@ def build(name: str):
         "faal": lambda: FAAL(),
         "cfa": lambda: CFA(warmup_epochs=1, average_threshold=0.0, average_eval_steps=2),
         "wat": lambda: WAT(eta=1.0),
+        "dafa": lambda: DAFA(warmup_epochs=1),
     }[name]()
 
 
-@pytest.mark.parametrize("name", ["frl", "faal", "cfa", "wat"])
+@pytest.mark.parametrize("name", ["frl", "faal", "cfa", "wat", "dafa"])
 def test_state_round_trip_and_exact_resume(name, chdir_tmp):
     """Two epochs in one go = one epoch, a checkpoint, and a resumed second epoch (state and weights)."""
     dm = DigitsDataModule(batch_size=64, shuffle=False)
@@ -292,12 +365,15 @@ def test_methods_stack_and_conflicting_budgets_are_refused(chdir_tmp):
     dm = DigitsDataModule(batch_size=64)
     module = make_module(fairness=[FAAL(), CSR(confusion_source="streaming")])
     make_trainer(max_epochs=1, limit_train_batches=2).fit(module, dm)
-    module = make_module(fairness=[FRL(eval_steps=1), CFA(warmup_epochs=0, weight_average=False)])
-    with pytest.raises(ValueError, match="two fairness methods both set per-sample attack budgets"):
-        make_trainer(max_epochs=2, limit_train_batches=2).fit(module, dm)
+    # refused when the module is built, not epochs later when the second budget first applies
+    with pytest.raises(ValueError, match=r"two fairness methods both set per-sample attack budgets \(FRL and CFA"):
+        make_module(fairness=[FRL(eval_steps=1), CFA(warmup_epochs=10, weight_average=False)])
+    with pytest.raises(ValueError, match=r"\(CFA and DAFA"):
+        make_module(fairness=[CFA(), DAFA()])
+    make_module(fairness=[FRL(mode="reweight"), CFA(), CSR()])  # FRL RW and CSR set no budget
 
 
-@pytest.mark.parametrize("name", ["frl", "faal", "cfa", "wat"])
+@pytest.mark.parametrize("name", ["frl", "faal", "cfa", "wat", "dafa"])
 def test_methods_under_bf16_mixed(name, chdir_tmp):
     dm = DigitsDataModule(batch_size=64)
     module = make_module(fairness=[build(name)], train_attack=QUICK_ATTACK)
@@ -318,6 +394,7 @@ def test_methods_under_bf16_mixed(name, chdir_tmp):
         ("faal", ["faal/weight/0", "faal/weight/9"]),
         ("cfa", ["cfa/train_robust_acc/0", "cfa/average_updated", "cfa/val_robust_acc_worst"]),
         ("wat", ["wat/weight/0", "wat/weight_average_entry", "wat/val_loss_worst"]),
+        ("dafa", ["dafa/weight/0", "dafa/weight/9", "dafa/active"]),
     ],
 )
 def test_per_class_state_reaches_tensorboard(config, tags, chdir_tmp):

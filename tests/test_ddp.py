@@ -109,3 +109,33 @@ def test_ddp_baseline_state_equals_one_process(tmp_path, stack):
         assert single_state[key].abs().sum() > 0, key
     for key in ("class_counts", "clean_acc", "robust_acc"):
         torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
+
+
+PAPER_FORMS = {
+    # the batch's own surrogate matrix, summed over ranks every step; each rank's share scaled by W
+    "batch": "      - class_path: confspec_lightning.fairness.CSR\n        init_args: {form: paper, alpha: 1.0}\n",
+    # an EMA of the global batch matrices
+    "ema": (
+        "      - class_path: confspec_lightning.fairness.CSR\n"
+        "        init_args: {form: paper, alpha: 1.0, confusion_source: ema, surrogate: soft}\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("source", list(PAPER_FORMS))
+def test_ddp_paper_form_gradient_and_state_equal_one_process(tmp_path, source):
+    """The paper form's penalty is a function of the global batch: 2 ranks train the single process's weights."""
+    single_state, _ = run_fit(tmp_path / "single", 1, "", PAPER_FORMS[source])
+    ddp_state, _ = run_fit(tmp_path / "ddp", 2, "", PAPER_FORMS[source])
+    weights = [k for k in single_state if k.startswith("net.")]
+    assert weights
+    for key in weights:
+        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=key)
+    for key in [k for k in single_state if k.startswith("fairness.")]:
+        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-6, msg=key)
+    if source == "ema":
+        assert single_state["fairness.0.ema_matrix"].abs().sum() > 0
+    # the penalty changed the training: without it (alpha 0) the weights differ
+    plain = PAPER_FORMS[source].replace("alpha: 1.0", "alpha: 0.0")
+    plain_state, _ = run_fit(tmp_path / "plain", 1, "", plain)
+    assert any(not torch.allclose(plain_state[k], single_state[k], rtol=1e-4, atol=1e-5) for k in weights)

@@ -130,3 +130,24 @@ def test_code_version_names_the_commit():
         assert version == "unknown"
     else:
         assert version.removesuffix("+changes") == head.stdout.strip()
+
+
+@pytest.mark.parametrize("protocol", list(fairness_run.PROTOCOLS))
+def test_every_protocol_run_is_a_config_the_cli_accepts(protocol, tmp_path, capsys):
+    """Each method of each protocol: its config, overlays and fairness replacement parse (print_config)."""
+    from confspec_lightning.cli import build_cli
+
+    spec = fairness_run.PROTOCOLS[protocol]
+    for method in spec.methods:
+        assert method in fairness_run.LABELS, method
+        run_dir = tmp_path / protocol / method
+        run_dir.mkdir(parents=True)
+        args = fairness_run.common_args(protocol, method, 0, run_dir)
+        with pytest.raises(SystemExit) as exit_info:
+            build_cli(["fit", *args, "--print_config"])
+        assert exit_info.value.code in (0, None), (method, capsys.readouterr().err[-2000:])
+        printed = capsys.readouterr().out
+        if method in spec.fairness:  # the variant's CSR settings reached the parsed config
+            assert "confspec_lightning.fairness.CSR" in printed
+            for key, value in fairness_run.CSR_FORMS.get(method, {}).items():
+                assert f"{key}: {value}" in printed, (method, key)

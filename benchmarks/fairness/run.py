@@ -43,6 +43,14 @@ BUDGET_EXIT = 3
 LABELS = {
     "trades": "TRADES",
     "trades_csr": "TRADES + CSR",
+    "trades_csr_streaming": "TRADES + CSR (streaming)",
+    "csr_code_streaming": "CSR code form (counts, streaming)",
+    "csr_paper_kl_batch": "CSR paper form (kl, batch)",
+    "csr_paper_kl_ema": "CSR paper form (kl, ema 0.9)",
+    "csr_paper_kl_streaming": "CSR paper form (kl, streaming)",
+    "csr_paper_soft_batch": "CSR paper form (soft, batch)",
+    "trades_csr_paper": "TRADES + CSR (paper form)",
+    "dafa": "DAFA",
     "frl_rw": "FRL (RW)",
     "frl_rwrm": "FRL (RWRM)",
     "faal": "FAAL",
@@ -65,6 +73,33 @@ class Protocol:
     fairness: dict[str, str] = field(default_factory=dict)  # method -> replacement `fairness:` YAML list
     variants: dict[str, str] = field(default_factory=dict)  # method -> the config it changes (with `fairness`)
     base: tuple[str, str] | None = None  # (protocol, method): fine-tune from its seed-0 final weights
+    init_weights: str | None = None  # fine-tune from these committed backbone weights (relative to the repository)
+
+
+def csr_fairness(**init_args: object) -> str:
+    """The `fairness:` YAML list of one CSR with these init_args (for protocol variants)."""
+    args = ", ".join(f"{key}: {value}" for key, value in init_args.items())
+    return f"      - class_path: confspec_lightning.fairness.CSR\n        init_args: {{{args}}}\n"
+
+
+#: digits_csr: the CSR forms, and alpha x gamma of a form (method name -> CSR init_args).
+CSR_FORMS = {
+    "csr_code_streaming": {"form": "code", "confusion_source": "streaming"},
+    "csr_paper_kl_batch": {"form": "paper", "surrogate": "kl", "confusion_source": "batch"},
+    "csr_paper_kl_ema": {"form": "paper", "surrogate": "kl", "confusion_source": "ema", "ema_decay": 0.9},
+    "csr_paper_kl_streaming": {"form": "paper", "surrogate": "kl", "confusion_source": "streaming"},
+    "csr_paper_soft_batch": {"form": "paper", "surrogate": "soft", "confusion_source": "batch"},
+}
+#: The form whose alpha x gamma grid digits_csr sweeps (the better of CSR_FORMS on the forms sweep).
+GRID_FORM = "csr_paper_kl_batch"
+CSR_GRID = {
+    f"{GRID_FORM}_a{alpha:g}_g{gamma:g}": {**CSR_FORMS[GRID_FORM], "alpha": alpha, "gamma": gamma}
+    for alpha in (0.1, 0.3, 0.6, 1.0)
+    for gamma in (0.0, 0.1)
+    if (alpha, gamma) != (0.3, 0.0)  # = the form itself (alpha 0.3, gamma 0)
+}
+for _name, _args in CSR_GRID.items():
+    LABELS[_name] = f"{LABELS[GRID_FORM]} α={_args['alpha']:g} γ={_args['gamma']:g}"
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -85,6 +120,23 @@ PROTOCOLS: dict[str, Protocol] = {
             "        init_args: {warmup_epochs: 3, weight_average: false}\n"
         },
         variants={"cfa_no_fawa": "cfa"},
+    ),
+    "digits_csr": Protocol(
+        description=(
+            "The digits protocol (same data, model, schedule, threat model and AutoAttack APGD-CE + APGD-T) for "
+            "CSR's forms: the code form (G-weighted adversarial CE, hard counts, streaming source) and the paper "
+            "form (alpha sigma_max(L) of a surrogate confusion matrix, differentiated through) with the kl "
+            "surrogate from the batch's own matrix, an EMA (decay 0.9) or last epoch's stream, and with the soft "
+            f"surrogate (batch); then alpha in {{0.1, 0.3, 0.6, 1.0}} x gamma in {{0, 0.1}} of `{GRID_FORM}`. Every "
+            "variant is `configs/digits/trades_csr.yaml` with its `fairness:` list replaced (alpha 0.3, gamma 0 "
+            "unless named); TRADES is `configs/digits/trades.yaml`."
+        ),
+        configs="digits/",
+        methods=["trades", *CSR_FORMS, *CSR_GRID],
+        seeds=[0, 1, 2],
+        overlays=["digits.yaml"],
+        fairness={name: csr_fairness(**args) for name, args in {**CSR_FORMS, **CSR_GRID}.items()},
+        variants={name: "trades_csr" for name in {**CSR_FORMS, **CSR_GRID}},
     ),
     "cifar10_cpu": Protocol(
         description=(
@@ -116,6 +168,50 @@ PROTOCOLS: dict[str, Protocol] = {
         seeds=[0],
         overlays=["cifar10_cpu_finetune.yaml"],
         base=("cifar10_cpu", "trades"),
+    ),
+    "cifar10_pretrain": Protocol(
+        description=(
+            "One TRADES model on the full CIFAR-10 training set (JPEG-q75 archive, `../shared/data/cifar10_q75`) "
+            "less 300 images per class held out for validation (47000 images), the starting point of the "
+            "`cifar10_finetune` protocol. Backbone, epochs and schedule in the overlay `cifar10_pretrain.yaml` "
+            "(chosen by the equal-time pilot `benchmarks/cifar10_pretrain/pilot.py`); TRADES-10 (l_inf 8/255, "
+            "step 2/255, beta 6), SGD 0.1 momentum 0.9 wd 5e-4, batch 128, cosine schedule. Test: the fixed "
+            "stratified subset of 200 test images per class (2000), PGD-20, CW-20 and AutoAttack APGD-CE + "
+            "APGD-T."
+        ),
+        configs="cifar10/scratch_",
+        methods=["trades"],
+        seeds=[0],
+        overlays=["cifar10_pretrain.yaml"],
+    ),
+    "cifar10_finetune": Protocol(
+        description=(
+            "The CSR paper's main protocol (Table 1: fine-tune a TRADES model for 2 epochs) on 2 CPU cores: every "
+            "method starts from the committed `cifar10_pretrain` model (`benchmarks/cifar10_pretrain/`) and is "
+            "fine-tuned with the shipped `configs/cifar10/finetune_*.yaml` (2 epochs on the full training set of "
+            "47000 images; SGD lr 0.001, momentum 0.9, wd 5e-4, batch 128; FAAL lr 0.01 then 0.001; TRADES-10, "
+            "l_inf 8/255) with the pretraining's backbone and data (overlay `cifar10_finetune.yaml`): the 300 "
+            "held-out images per class are every method's validation split (FRL, WAT, CFA use it). Test: the same "
+            "2000 test images as `cifar10_pretrain`, PGD-20, CW-20 and AutoAttack APGD-CE + APGD-T."
+        ),
+        configs="cifar10/finetune_",
+        methods=[
+            "trades",
+            "trades_csr",
+            "trades_csr_streaming",
+            "trades_csr_paper",
+            "frl_rwrm",
+            "faal",
+            "faal_csr",
+            "cfa",
+            "wat",
+            "dafa",
+        ],
+        seeds=[0, 1, 2],
+        overlays=["cifar10_finetune.yaml"],
+        fairness={"trades_csr_streaming": csr_fairness(alpha=0.3, confusion_source="streaming")},
+        variants={"trades_csr_streaming": "trades_csr"},
+        init_weights="benchmarks/cifar10_pretrain/trades_pretrained.pt",
     ),
 }
 
@@ -254,6 +350,14 @@ def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, ex
     if base is not None:
         run_one(base[0], base[1], 0, out, budget, extra)  # the model every method fine-tunes
         init = out / base[0] / f"{base[1]}_seed0" / "fit" / "checkpoints" / "last.ckpt"
+        args.append(f"--model.init_args.init_weights={init}")
+    if PROTOCOLS[protocol].init_weights is not None:
+        init = ROOT / PROTOCOLS[protocol].init_weights
+        if not init.is_file():
+            raise SystemExit(
+                f"{init} is missing: run `python benchmarks/fairness/run.py --protocol cifar10_pretrain`, then "
+                "`python benchmarks/cifar10_pretrain/export.py` (it writes these weights)."
+            )
         args.append(f"--model.init_args.init_weights={init}")
     last = run_dir / "fit" / "checkpoints" / "last.ckpt"
     if not progress.get("fit_done"):

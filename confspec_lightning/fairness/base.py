@@ -79,6 +79,11 @@ class FairnessMethod(nn.Module):
         """Refresh per-class state before the epoch; returns scalars to log (name -> value)."""
         return {}
 
+    @property
+    def sets_attack_budget(self) -> bool:
+        """Whether :meth:`attack_budget` may set per-sample budgets (two such methods cannot be stacked)."""
+        return False
+
     def attack_budget(self, target: Tensor, attack: AttackConfig) -> tuple[Tensor | None, Tensor | None]:
         """Per-sample (eps, step) for the training attack, or None to keep the configured ones."""
         return None, None

@@ -139,6 +139,10 @@ class CFA(FairnessMethod):
             logs["cfa/train_robust_acc_worst"] = self.train_robust_acc.min()
         return logs
 
+    @property
+    def sets_attack_budget(self) -> bool:
+        return self.classwise_eps
+
     def attack_budget(self, target: Tensor, attack: AttackConfig) -> tuple[Tensor | None, Tensor | None]:
         if not (self._calibrated and self.classwise_eps):
             return None, None

@@ -1,21 +1,35 @@
 """Confusional spectral regularisation (CSR; Jin et al., ICLR 2025), as a composable fairness method.
 
-With a base objective whose classification term is ``"ce"`` (method.md section 3):
+Two forms (``docs/method.md``, "CSR"), selected by ``form``:
 
-    L = (1 - alpha) * [ce term] + [other base terms] + alpha * (1/B) sum_k w_k CE(f(x_adv_k), y_k),
-    w_k = G[yhat_k, y_k],  G = spectral_direction(C),  yhat_k = argmax f(x_adv_k).
+* ``code`` (the authors' code, default): with a base objective whose classification term is ``"ce"``,
 
-For TRADES this is (1 - alpha) CE(f(x)) + beta KL + alpha w CE(f(x_adv)); for PGD-AT it is
-(1 - alpha) CE(f(x_adv)) + alpha w CE(f(x_adv)). The robust confusion matrix C comes from
+      L = (1 - alpha) * [ce term] + [other base terms] + alpha * (1/B) sum_k w_k CE(f(x_adv_k), y_k),
+      w_k = G[yhat_k, y_k],  G = rescale(u1 v1^T of C),  yhat_k = argmax f(x_adv_k),
 
-* ``epoch_pass`` (authors' code): at the start of every epoch, PGD (CE, the training budget) over
-  this rank's training data in eval mode, no weight update; G is computed once and kept;
-* ``streaming``: C accumulates from the adversarial predictions training already makes during
-  epoch e; its G is used in epoch e + 1 (epoch 0 uses G = ones).
+  C the robust confusion matrix (hard counts by default). For TRADES this is (1 - alpha) CE(f(x)) + beta KL +
+  alpha w CE(f(x_adv)); for PGD-AT it is (1 - alpha) CE(f(x_adv)) + alpha w CE(f(x_adv)).
+* ``paper`` (the paper's statement): the base objective unchanged plus alpha * sigma_max(L), differentiated
+  through, with L the surrogate confusion matrix of the batch: L[i, j] = (1/m_j) * sum of the values the
+  class-j samples charge to cell (i, j) (``surrogate``: ``kl`` = the CE of a charged sample, ``soft`` =
+  p_i(x_adv), ``counts`` = 1 and no gradient). It is computed as sum_ij G_ij L_ij with G = u1 v1^T of the
+  direction matrix (:func:`~confspec_lightning.functional.spectral_penalty`): with the batch's own L as the
+  direction matrix this equals sigma_max(L) and its gradient.
 
-C is summed over DDP ranks before the SVD (torchmetrics sum reduction), so every rank uses the same G.
-G and C are buffers/persistent metric state: checkpoints carry them and ``fit --ckpt_path`` resumes
-with them.
+The direction matrix (``confusion_source``):
+
+* ``epoch_pass`` (authors' code): at the start of every epoch, PGD (CE, the training budget) over this
+  rank's training data in eval mode, no weight update; G is computed once and kept for the epoch;
+* ``streaming``: accumulated from the adversarial predictions training already makes during epoch e; its G
+  is used in epoch e + 1 (epoch 0 uses G = ones in the code form, no penalty in the paper form);
+* ``batch``: the current global batch's own matrix (summed over DDP ranks every step);
+* ``ema``: an exponential moving average of the batch matrices, M <- d M + (1 - d) L_batch (``ema_decay``; as
+  the follow-up "CAR", Zhu, Jin et al. 2026, arXiv 2603.16732), updated every step.
+
+Accumulated matrices are summed over DDP ranks before the SVD (torchmetrics sum reduction), so every rank
+uses the same G. In the paper form each rank's share of the penalty is scaled by the world size, so that
+DDP's gradient averaging yields the gradient of the global batch's sigma_max. G, the EMA and the
+accumulated matrix are buffers/persistent metric state: checkpoints carry them.
 """
 
 from __future__ import annotations
@@ -28,70 +42,152 @@ from torch import Tensor, nn
 from confspec_lightning import functional as CF
 from confspec_lightning.attacks import check_bool, check_choice, check_real, eval_mode
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
-from confspec_lightning.functional import MARGINS, Margin
+from confspec_lightning.fairness.statistics import sum_across_ranks, world_size
+from confspec_lightning.functional import MARGINS, SURROGATES, Margin, Surrogate
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
 
-ConfusionSource = Literal["epoch_pass", "streaming"]
-CONFUSION_SOURCES: tuple[str, ...] = ("epoch_pass", "streaming")
+Form = Literal["code", "paper"]
+FORMS: tuple[str, ...] = ("code", "paper")
+ConfusionSource = Literal["epoch_pass", "streaming", "batch", "ema"]
+CONFUSION_SOURCES: tuple[str, ...] = ("epoch_pass", "streaming", "batch", "ema")
+#: Sources whose matrix is built anew every step from the (global) batch.
+PER_STEP_SOURCES: tuple[str, ...] = ("batch", "ema")
+
+#: What ``form`` sets for every option left unset (None).
+FORM_DEFAULTS: dict[str, dict[str, object]] = {
+    "code": {
+        "surrogate": "counts",
+        "margin": "relative",
+        "confusion_source": "epoch_pass",
+        "include_diagonal": True,
+        "rescale": True,
+        "normalize": False,
+    },
+    "paper": {
+        "surrogate": "kl",
+        "margin": "additive",
+        "confusion_source": "batch",
+        "include_diagonal": False,
+        "rescale": False,
+        "normalize": True,
+    },
+}
 
 
 class CSR(FairnessMethod):
-    """Confusional spectral regulariser.
+    """Confusional spectral regulariser (see the module docstring for both forms and every source).
+
+    Options left at ``None`` take the value of the chosen ``form`` (:data:`FORM_DEFAULTS`).
 
     Args:
         alpha: weight of the spectral term, in [0, 1] (code default 0.3).
         gamma: confusion margin in [0, 1) (default 0.0; the paper also uses 0.1).
-        margin: ``"relative"`` (authors' code: true logit scaled by 1 - gamma) or ``"additive"``
-            (paper: wrong logits raised by gamma).
-        confusion_source: ``"epoch_pass"`` (authors' code) or ``"streaming"`` (free; see module doc).
-        include_diagonal: correctly classified samples get G[y, y] (code, default) or 0 (paper).
-        rescale: rescale G to [0.01, 2.01] (code, default) or use u1 v1^T as it is.
-        normalize: normalise C per true class before the SVD (default off = raw counts, as the code).
+        form: ``"code"`` (authors' code: G-weighted adversarial CE) or ``"paper"`` (alpha * sigma_max(L)).
+        surrogate: what a sample charges to its cell: ``"counts"`` (code default), ``"kl"`` (paper default:
+            the CE of the charged sample) or ``"soft"`` (p_i(x_adv) into every wrong cell). In the code form it
+            only changes the matrix G comes from; the paper form needs ``kl`` or ``soft`` (``counts`` has no
+            gradient).
+        margin: ``"relative"`` (code default: true logit scaled by 1 - gamma) or ``"additive"`` (paper default:
+            wrong logits raised by gamma).
+        confusion_source: ``"epoch_pass"`` (code default), ``"streaming"``, ``"batch"`` (paper default) or ``"ema"``.
+        ema_decay: decay d of the ``ema`` source, in [0, 1) (0.9).
+        include_diagonal: code form: correctly classified samples get G[y, y] (default) or 0. The paper form
+            charges only errors (must stay unset or false).
+        rescale: rescale G to [0.01, 2.01] (code default) or use u1 v1^T as it is (paper default).
+        normalize: normalise the matrix per true class, 1/m_j (paper default) or raw sums (code default).
     """
 
     name = "csr"
 
     direction: Tensor
+    ema_matrix: Tensor
+    ema_initialised: Tensor
 
     def __init__(
         self,
         alpha: float = 0.3,
         gamma: float = 0.0,
-        margin: Margin = "relative",
-        confusion_source: ConfusionSource = "epoch_pass",
-        include_diagonal: bool = True,
-        rescale: bool = True,
-        normalize: bool = False,
+        form: Form = "code",
+        surrogate: Surrogate | None = None,
+        margin: Margin | None = None,
+        confusion_source: ConfusionSource | None = None,
+        ema_decay: float = 0.9,
+        include_diagonal: bool | None = None,
+        rescale: bool | None = None,
+        normalize: bool | None = None,
     ) -> None:
         super().__init__()
         check_real("csr.alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (code default 0.3)")
         check_real("csr.gamma", gamma, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.0)")
-        for name, flag in (
-            ("csr.include_diagonal", include_diagonal),
-            ("csr.rescale", rescale),
-            ("csr.normalize", normalize),
-        ):
-            check_bool(name, flag)
-        check_choice("csr.margin", margin, MARGINS)
-        check_choice("csr.confusion_source", confusion_source, CONFUSION_SOURCES)
+        check_real("csr.ema_decay", ema_decay, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.9)")
+        check_choice("csr.form", form, FORMS)
+        given = {
+            "surrogate": surrogate,
+            "margin": margin,
+            "confusion_source": confusion_source,
+            "include_diagonal": include_diagonal,
+            "rescale": rescale,
+            "normalize": normalize,
+        }
+        options = {key: FORM_DEFAULTS[form][key] if value is None else value for key, value in given.items()}
+        for key in ("include_diagonal", "rescale", "normalize"):
+            check_bool(f"csr.{key}", options[key])
+        check_choice("csr.surrogate", options["surrogate"], SURROGATES)
+        check_choice("csr.margin", options["margin"], MARGINS)
+        check_choice("csr.confusion_source", options["confusion_source"], CONFUSION_SOURCES)
+        if form == "paper" and options["surrogate"] == "counts":
+            raise ValueError(
+                "csr.surrogate='counts' is not accepted with csr.form='paper': hard counts have no gradient, so "
+                "sigma_max(L) could not be lowered; choose 'kl' (the paper's) or 'soft', or csr.form='code'."
+            )
+        if form == "paper" and options["include_diagonal"]:
+            raise ValueError(
+                "csr.include_diagonal=True is not accepted with csr.form='paper': the surrogate matrix charges "
+                "only errors (its diagonal is 0); leave it unset, or use csr.form='code'."
+            )
         self.alpha = alpha
         self.gamma = gamma
-        self.margin = margin
-        self.confusion_source = confusion_source
-        self.include_diagonal = include_diagonal
-        self.rescale = rescale
-        self.normalize = normalize
+        self.form: Form = form
+        self.surrogate: Surrogate = options["surrogate"]  # type: ignore[assignment]
+        self.margin: Margin = options["margin"]  # type: ignore[assignment]
+        self.confusion_source: ConfusionSource = options["confusion_source"]  # type: ignore[assignment]
+        self.ema_decay = ema_decay
+        self.include_diagonal = bool(options["include_diagonal"])
+        self.rescale = bool(options["rescale"])
+        self.normalize = bool(options["normalize"])
+        self._source_stats: Tensor | None = None  # per-step sources: running sums of (sigma_1, sigma_1/sigma_2, steps)
 
     def bind(self, num_classes: int, model: nn.Module | None = None) -> None:
-        """Allocate G (ones) and the confusion accumulator for ``num_classes`` classes."""
+        """Allocate G, the EMA matrix and the confusion accumulator for ``num_classes`` classes."""
         super().bind(num_classes, model)
-        self.register_buffer("direction", torch.ones(num_classes, num_classes, dtype=torch.float32))
-        self.confusion = RobustConfusionMatrix(num_classes, gamma=self.gamma, margin=self.margin)
+        initial = torch.ones if self.form == "code" else torch.zeros  # paper form: no penalty before a matrix
+        self.register_buffer("direction", initial(num_classes, num_classes, dtype=torch.float32))
+        if self.confusion_source == "ema":
+            self.register_buffer("ema_matrix", torch.zeros(num_classes, num_classes, dtype=torch.float64))
+            self.register_buffer("ema_initialised", torch.zeros((), dtype=torch.bool))
+        self.confusion = RobustConfusionMatrix(
+            num_classes, gamma=self.gamma, margin=self.margin, surrogate=self.surrogate
+        )
         self.confusion.persistent(True)
+
+    # ---------------------------------------------------------------- direction
+    def direction_of(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        """G from a direction matrix, and the matrix's singular values (float64).
+
+        Code form (or ``rescale``): u1 v1^T rescaled, ones when degenerate; paper form: u1 v1^T itself (zero for
+        a zero matrix: no penalty).
+        """
+        u, v, singular = CF.top_singular_pair(matrix)
+        if self.form == "code" or self.rescale:
+            return CF.direction_from_singular_vectors(u, v, rescale=self.rescale), singular
+        return torch.outer(u, v), singular
 
     def on_train_epoch_start(self, context: EpochContext) -> dict[str, Tensor]:
         """Recompute G: from an attack pass over the training data, or from last epoch's stream."""
+        self._source_stats = None
+        if self.confusion_source in PER_STEP_SOURCES:
+            return {}
         if self.confusion_source == "epoch_pass":
             self.confusion.reset()
             for x, y in context.train_batches():
@@ -99,15 +195,20 @@ class CSR(FairnessMethod):
         errors, counts = self.confusion.synced_state()
         if int(counts.sum()) == 0:  # nothing accumulated yet (streaming, epoch 0): keep G
             return {}
-        confusion = CF.confusion_from_counts(errors, counts, normalize=self.normalize)
-        self.direction.copy_(CF.spectral_direction(confusion, rescale=self.rescale))
+        matrix = CF.confusion_from_counts(errors, counts, normalize=self.normalize)
+        self.direction.copy_(self.direction_of(matrix)[0])
         if self.confusion_source == "streaming":
             self.confusion.reset()  # start this epoch's stream; epoch_pass keeps the C that made G
         rates = CF.confusion_from_counts(errors, counts, normalize=True)
-        return {
-            "csr/train_confusion_spectral_norm": CF.spectral_norm(rates),
-            "csr/train_robust_acc_worst": CF.classwise_accuracy(errors, counts).nan_to_num(1.0).min(),
+        _, _, singular = CF.top_singular_pair(rates)
+        logs = {
+            "csr/source_sigma1": singular[0],
+            "csr/source_sigma_ratio": singular[0] / singular[1].clamp_min(1e-12),
         }
+        if self.surrogate == "counts":
+            logs["csr/train_confusion_spectral_norm"] = CF.spectral_norm(rates)
+            logs["csr/train_robust_acc_worst"] = CF.classwise_accuracy(errors, counts).nan_to_num(1.0).min()
+        return logs
 
     @staticmethod
     def _attacked_logits(context: EpochContext, x: Tensor, y: Tensor) -> Tensor:
@@ -117,13 +218,65 @@ class CSR(FairnessMethod):
         with torch.no_grad(), eval_mode(context.model):
             return context.model(x_adv)
 
-    def loss_adjustment(self, output: ObjectiveOutput, target: Tensor) -> LossAdjustment:
-        """(1 - alpha) on the ce term, plus alpha (1/B) sum_k w_k CE(f(x_adv_k), y_k)."""
-        weights = CF.csr_weights(self.direction, output.adv_logits, target, self.include_diagonal)
-        return LossAdjustment(
-            term_weights={"ce": 1.0 - self.alpha},
-            extra_terms={"csr": self.alpha * (weights * output.adv_ce).mean()},
+    def _batch_matrix(self, contributions: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The global batch's direction matrix (batch: its own; ema: the updated average) and class counts."""
+        k = self.num_classes
+        local = torch.cat(
+            [
+                CF.surrogate_confusion(contributions.detach().double(), target).reshape(-1),
+                CF.counts_per_class(target, k).double(),
+            ]
         )
+        total = sum_across_ranks(local)  # one all-reduce of K (K + 1) values per step under DDP
+        sums, counts = total[: k * k].reshape(k, k), total[k * k :]
+        matrix = sums / counts.clamp_min(1.0) if self.normalize else sums
+        if self.confusion_source == "ema":
+            first = ~self.ema_initialised
+            updated = self.ema_decay * self.ema_matrix + (1.0 - self.ema_decay) * matrix
+            self.ema_matrix.copy_(torch.where(first, matrix, updated))
+            self.ema_initialised.fill_(True)
+            matrix = self.ema_matrix
+        return matrix, counts
+
+    def loss_adjustment(self, output: ObjectiveOutput, target: Tensor) -> LossAdjustment:
+        """Code form: (1 - alpha) on the ce term + alpha (1/B) sum_k w_k CE_adv; paper form: + alpha sigma_max(L)."""
+        contributions = None
+        counts = None
+        direction = self.direction
+        if self.form == "paper" or self.confusion_source in PER_STEP_SOURCES:
+            contributions = CF.surrogate_contributions(
+                output.adv_logits, target, self.surrogate, self.gamma, self.margin, adv_ce=output.adv_ce
+            )
+        if self.confusion_source in PER_STEP_SOURCES:
+            matrix, counts = self._batch_matrix(contributions, target)
+            direction, singular = self.direction_of(matrix)
+            self.direction.copy_(direction)
+            self._record_source(singular)
+        if self.form == "code":
+            weights = CF.csr_weights(direction, output.adv_logits, target, self.include_diagonal)
+            return LossAdjustment(
+                term_weights={"ce": 1.0 - self.alpha},
+                extra_terms={"csr": self.alpha * (weights * output.adv_ce).mean()},
+            )
+        if counts is None and self.normalize:  # a fixed direction, but the per-class 1/m_j of this global batch
+            counts = sum_across_ranks(CF.counts_per_class(target, self.num_classes).double())
+        share = CF.spectral_penalty(direction, contributions, target, counts if self.normalize else None)
+        # DDP averages gradients over ranks: scaled by W, the ranks' shares add up to the global penalty's gradient
+        return LossAdjustment(extra_terms={"csr": self.alpha * world_size() * share})
+
+    def _record_source(self, singular: Tensor) -> None:
+        """Running sums of sigma_1 and sigma_1 / sigma_2 of the per-step matrices (device only, no sync)."""
+        ratio = singular[0] / singular[1].clamp_min(1e-12)
+        stats = torch.stack([singular[0], ratio, torch.ones_like(ratio)])
+        self._source_stats = stats if self._source_stats is None else self._source_stats + stats
+
+    def on_train_epoch_end(self, context: EpochContext) -> dict[str, Tensor]:
+        """Per-step sources: the epoch's mean sigma_1 and sigma_1 / sigma_2 of the direction matrices."""
+        if self._source_stats is None:
+            return {}
+        sigma, ratio, steps = self._source_stats
+        self._source_stats = None
+        return {"csr/source_sigma1": sigma / steps, "csr/source_sigma_ratio": ratio / steps}
 
     def on_train_batch_end(self, output: ObjectiveOutput, target: Tensor) -> None:
         """Streaming source: add the batch's adversarial predictions to C (device only, no sync)."""
@@ -132,7 +285,7 @@ class CSR(FairnessMethod):
 
     def extra_repr(self) -> str:
         return (
-            f"alpha={self.alpha}, gamma={self.gamma}, margin={self.margin!r}, "
-            f"confusion_source={self.confusion_source!r}, include_diagonal={self.include_diagonal}, "
-            f"rescale={self.rescale}, normalize={self.normalize}"
+            f"alpha={self.alpha}, gamma={self.gamma}, form={self.form!r}, surrogate={self.surrogate!r}, "
+            f"margin={self.margin!r}, confusion_source={self.confusion_source!r}, ema_decay={self.ema_decay}, "
+            f"include_diagonal={self.include_diagonal}, rescale={self.rescale}, normalize={self.normalize}"
         )

@@ -195,6 +195,10 @@ class FRL(FairnessMethod):
         )
         return mult.float()
 
+    @property
+    def sets_attack_budget(self) -> bool:
+        return self.remargin
+
     def attack_budget(self, target: Tensor, attack: AttackConfig) -> tuple[Tensor | None, Tensor | None]:
         """RWRM: eps_i = eps * m[y_i], one step = max_i eps_i * (step / eps) for the batch."""
         if not self.remargin:

@@ -26,6 +26,13 @@ def sum_across_ranks(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def world_size() -> int:
+    """The number of DDP ranks (1 without an initialised process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def classwise_sum(values: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """(K,) float64 sums of per-sample ``values`` (B,) by true class: out[c] = sum_{i: y_i = c} values_i."""
     out = torch.zeros(num_classes, dtype=torch.float64, device=values.device)
