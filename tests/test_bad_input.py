@@ -25,7 +25,7 @@ from torch import nn
 from confspec_lightning import AttackConfig, RobustFairLitModule
 from confspec_lightning import functional as CF
 from confspec_lightning.data import DigitsDataModule, archive
-from confspec_lightning.fairness import CFA, CSR, FAAL, FRL, WAT
+from confspec_lightning.fairness import CFA, CSR, DAFA, FAAL, FRL, WAT
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models import DigitsCNN
 from confspec_lightning.models.weights import load_backbone_weights
@@ -106,7 +106,9 @@ ANY_VALUE = st.one_of(
     st.booleans(),
     st.none(),
     st.text(max_size=4),
-    st.sampled_from(["linf", "l2", "relative", "additive", "epoch_pass", "streaming", "reweight", "trades", "0.3"]),
+    st.sampled_from(
+        ["linf", "l2", "relative", "additive", "epoch_pass", "streaming", "batch", "ema", "paper", "kl", "counts", "0.3"]
+    ),
     st.lists(st.floats(allow_nan=True), max_size=2),
 )
 
@@ -126,11 +128,23 @@ SPECS: dict[str, tuple[Callable[..., Any], dict[str, Callable[[Any], bool]]]] = 
         {
             "alpha": in_range(0, 1),
             "gamma": in_range(0, 1, closed_high=False),
-            "margin": choice("relative", "additive"),
-            "confusion_source": choice("epoch_pass", "streaming"),
-            "include_diagonal": is_bool,
-            "rescale": is_bool,
-            "normalize": is_bool,
+            "form": choice("code", "paper"),
+            # None = the form's default
+            "surrogate": lambda v: v is None or choice("counts", "kl", "soft")(v),
+            "margin": lambda v: v is None or choice("relative", "additive")(v),
+            "confusion_source": lambda v: v is None or choice("epoch_pass", "streaming", "batch", "ema")(v),
+            "ema_decay": in_range(0, 1, closed_high=False),
+            "include_diagonal": lambda v: v is None or is_bool(v),
+            "rescale": lambda v: v is None or is_bool(v),
+            "normalize": lambda v: v is None or is_bool(v),
+        },
+    ),
+    "csr_paper": (
+        lambda **kwargs: CSR(form="paper", **kwargs),
+        {
+            "surrogate": lambda v: v is None or choice("kl", "soft")(v),  # counts: no gradient
+            "include_diagonal": lambda v: v is None or v is False,  # L has no diagonal
+            "confusion_source": lambda v: v is None or choice("epoch_pass", "streaming", "batch", "ema")(v),
         },
     ),
     "frl": (
@@ -165,8 +179,18 @@ SPECS: dict[str, tuple[Callable[..., Any], dict[str, Callable[[Any], bool]]]] = 
         },
     ),
     "wat": (WAT, {"eta": at_least(0)}),
+    "dafa": (
+        DAFA,
+        {
+            "warmup_epochs": lambda v: integer(v, 0),
+            "lam": at_least(0),
+            "min_weight": at_least(0, strict=True),
+        },
+    ),
 }
 
+#: the name errors give a field of a SPECS entry (csr_paper: CSR's fields with form=paper)
+FIELD_PREFIX = {"csr_paper": "csr"}
 FIELDS = [(prefix, name) for prefix, (_, fields) in SPECS.items() for name in fields]
 
 
@@ -177,7 +201,7 @@ def test_config_fields_are_accepted_or_named(prefix, data):
     build, fields = SPECS[prefix]
     name = data.draw(st.sampled_from(sorted(fields)), label="field")
     value = data.draw(ANY_VALUE, label="value")
-    accepted = check_field(build, f"{prefix}.{name}", name, value, fields[name](value))
+    accepted = check_field(build, f"{FIELD_PREFIX.get(prefix, prefix)}.{name}", name, value, fields[name](value))
     count(f"{prefix} constructor", accepted)
 
 
@@ -207,7 +231,7 @@ def test_config_fields_at_fixed_edge_values(prefix):
     for name, valid in fields.items():
         for value in EDGE_VALUES:
             count(
-                f"{prefix} constructor (edge values)", check_field(build, f"{prefix}.{name}", name, value, valid(value))
+                f"{prefix} constructor (edge values)", check_field(build, f"{FIELD_PREFIX.get(prefix, prefix)}.{name}", name, value, valid(value))
             )
 
 
