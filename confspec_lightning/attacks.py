@@ -25,7 +25,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,9 @@ class AttackConfig:
             for ``trades_kl``); ``False`` starts at x (deterministic attacks, e.g. for exact comparisons).
     """
 
+    #: how errors name the config (subclasses: the module argument they are the type of)
+    field_name: ClassVar[str] = "attack"
+
     norm: Norm = "linf"
     eps: float = 8 / 255
     step: float = 2 / 255
@@ -94,11 +97,16 @@ class AttackConfig:
     random_start: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("attack.norm", self.norm, NORMS)
-        check_real("attack.eps", self.eps, lambda v: v > 0, "> 0 (pixel units, e.g. 8/255)")
-        check_real("attack.step", self.step, lambda v: v > 0, "> 0 (e.g. 2/255)")
-        check_int("attack.steps", self.steps, 1)
-        check_bool("attack.random_start", self.random_start)
+        name = self.field_name
+        check_choice(f"{name}.norm", self.norm, NORMS)
+        check_real(f"{name}.eps", self.eps, lambda v: v > 0, "> 0 (pixel units, e.g. 8/255)")
+        if self.norm == "linf":
+            check_real(
+                f"{name}.eps", self.eps, lambda v: v <= 1, "in (0, 1] for linf (pixels lie in [0, 1]; e.g. 8/255)"
+            )
+        check_real(f"{name}.step", self.step, lambda v: v > 0, "> 0 (e.g. 2/255)")
+        check_int(f"{name}.steps", self.steps, 1)
+        check_bool(f"{name}.random_start", self.random_start)
 
     def perturb(
         self,
@@ -124,6 +132,21 @@ class AttackConfig:
             random_start=self.random_start,
             generator=generator,
         )
+
+
+@dataclass(frozen=True)
+class TrainAttackConfig(AttackConfig):
+    """The training attack's threat model (``RobustFairLitModule(train_attack=...)``; errors name ``train_attack``)."""
+
+    field_name: ClassVar[str] = "train_attack"
+
+
+@dataclass(frozen=True)
+class EvalAttackConfig(AttackConfig):
+    """The evaluation PGD's threat model, PGD-20 by default (errors name ``eval_attack``)."""
+
+    field_name: ClassVar[str] = "eval_attack"
+    steps: int = 20
 
 
 @contextlib.contextmanager

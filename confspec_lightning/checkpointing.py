@@ -269,7 +269,8 @@ class PreemptionCheckpoint(Callback):
 
     def _save_and_exit(self, trainer: pl.Trainer) -> None:
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # every rank: the dump has collectives; rank 0 writes (atomically)
+        # every rank: the dump has collectives; rank 0 writes (atomically); the callbacks too (weights_only=False)
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved_path = path
         self._exit(trainer, path, saved=True)
 

@@ -8,9 +8,10 @@
   so the class count and the normalisation are given once;
 * a ``checkpoint`` section configures the best checkpoint (highest worst-class robust accuracy on
   validation) and ``last_checkpoint`` the ``last.ckpt`` written after every epoch (for resuming);
-* ``--ckpt_path best|last`` in a new process resolves to the newest earlier run of the same logger
-  directory, so ``test`` after ``fit`` works as written above and ``fit --ckpt_path last`` resumes
-  (the resumed run logs into a new ``version_N`` directory);
+* ``--ckpt_path best|last`` resolves within the run the command names (:mod:`confspec_lightning.runs`: the
+  logger's name and version, a run directory, or the only run of that name) and prints the file it took;
+  ``fit --ckpt_path last`` continues that run (same directory, best checkpoint and TensorBoard run); a file
+  ``torch.load(weights_only=True)`` cannot read is refused with its name;
 * the parsed config is saved with every run next to its TensorBoard logs;
 * every checkpoint is written atomically (:class:`~confspec_lightning.checkpointing.AtomicCheckpointIO`
   is added to ``trainer.plugins`` unless the user gives a checkpoint IO plugin of their own);
@@ -21,40 +22,21 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+import re
+import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from confspec_lightning import __version__
+from confspec_lightning import __version__, errors, runs
 from confspec_lightning.checkpointing import PreemptionCheckpoint, with_atomic_checkpoint_io
 from confspec_lightning.module import RobustFairLitModule
-
-
-def _checkpoint_from_previous_run(trainer: Trainer, which: str) -> str | None:
-    """``best``/``last`` checkpoint of the newest earlier run under the trainer's logger directory."""
-    logger = trainer.logger
-    if logger is None or logger.save_dir is None:
-        return None
-    root = Path(logger.save_dir) / (logger.name or "")
-    candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for last in candidates:
-        if which == "last":
-            return str(last)
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        for key, callback_state in state.get("callbacks", {}).items():
-            if (
-                key.startswith("ModelCheckpoint")
-                and callback_state.get("monitor")
-                and callback_state.get("best_model_path")
-            ):
-                best = Path(callback_state["best_model_path"])
-                if best.is_file():
-                    return str(best)
-    return None
 
 
 class ConfspecCLI(LightningCLI):
@@ -90,6 +72,32 @@ class ConfspecCLI(LightningCLI):
         config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         return super()._instantiate_trainer(config, callbacks)
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path`` within the run the command names, check the file, continue a resumed run.
+
+        ``best|last|<run dir>`` become a file; a resumed fit keeps its run's directory, best/top-k bookkeeping
+        and TensorBoard run.
+        """
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is not None and config.get("ckpt_path") is not None:
+            requested = str(config["ckpt_path"])
+            layout = runs.logger_runs(config.get("trainer", {}).get("logger"))
+            path, run = runs.resolve_checkpoint(requested, "last" if subcommand == "fit" else "best", layout)
+            if config.get("weights_only") is not False:  # `--weights_only false` opts out for a trusted file
+                runs.check_checkpoint_file(path)
+            config["ckpt_path"] = path
+            if path != requested:
+                print(f"--ckpt_path {requested} -> {path}", flush=True)
+            if subcommand == "fit" and run is not None and layout is not None and layout.version is None:
+                version = runs.run_version(run, layout)
+                if version is not None:  # continue that run rather than opening a new version_N
+                    config["trainer"]["logger"]["init_args"]["version"] = version
+                    print(f"resuming the run {run} (logger version {version!r})", flush=True)
+            if subcommand == "fit" and run is not None:  # its checkpoints are there on purpose
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        super()._parse_ckpt_path()
+
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]
         # Lightning 2.6 hands weights_only=None to torch.load, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into
@@ -97,20 +105,6 @@ class ConfspecCLI(LightningCLI):
         # false` opts out for a trusted file)
         if config.get("weights_only") is None:
             config["weights_only"] = True
-        which = config.get("ckpt_path")
-        if which not in ("best", "last") or self.trainer.checkpoint_callback is None:
-            return
-        if which == "best" and self.trainer.checkpoint_callback.best_model_path:
-            return  # resolved by Lightning within this process
-        path = _checkpoint_from_previous_run(self.trainer, which)
-        if path is None:
-            root = Path(self.trainer.logger.save_dir) / (self.trainer.logger.name or "") if self.trainer.logger else "?"
-            raise FileNotFoundError(
-                f"--ckpt_path {which}: no earlier run with checkpoints was found under {root}/version_*/checkpoints; "
-                "run `confspec fit` with the same config first, or pass the path of a .ckpt file."
-            )
-        print(f"--ckpt_path {which} -> {path}", flush=True)
-        config["ckpt_path"] = path
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
@@ -123,6 +117,22 @@ class ConfspecCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path()
+
+
+#: Top-level config keys of every subcommand (for "did you mean" on a typo'd one).
+TOP_LEVEL_KEYS = ["trainer", "model", "data", "checkpoint", "last_checkpoint", "preemption", "seed_everything"]
+
+
+class ConfspecArgumentParser(LightningArgumentParser):
+    """Parse errors as one line: where, the innermost reason, the closest valid names (``--debug``: in full)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
+        if not self.exit_on_error or errors.debug_requested(sys.argv):
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        summary = errors.summarize_parse_error(message, TOP_LEVEL_KEYS)
+        sys.stderr.write(f"{prog}: error: {summary}  [--help lists the options; --debug: the parser's message]\n")
+        sys.exit(errors.USAGE_EXIT)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
@@ -140,16 +150,99 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
                 "init_args": {"save_dir": "runs", "name": "default"},
             },
         },
-        parser_kwargs={"version": __version__, "description": __doc__.split("\n\n")[0]},
+        parser_kwargs={"prog": "confspec", "version": __version__, "description": __doc__.split("\n\n")[0]},
         auto_configure_optimizers=False,
+        parser_class=ConfspecArgumentParser,
         args=args,
         run=run,
     )
 
 
+#: The recipes shipped with the package (``confspec fit --config digits/trades_csr``).
+RECIPES = Path(__file__).resolve().parent / "configs"
+
+
+def recipe_names() -> list[str]:
+    """Every shipped recipe, as ``--config`` takes it (``digits/trades_csr``)."""
+    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+
+
+def resolve_recipes(argv: list[str]) -> list[str]:
+    """``--config NAME`` (or ``-c``, ``--config=NAME``): a path as given, else the shipped recipe of that name.
+
+    Raises:
+        FileNotFoundError: neither a file nor a recipe, naming the closest recipes.
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            index, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            index, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        if Path(value).exists() or value.lstrip().startswith(("{", "[")) or ":" in value:  # a file, or inline YAML
+            continue
+        recipe = RECIPES / (value if value.endswith(".yaml") else f"{value}.yaml")
+        if not recipe.is_file():
+            names = errors.closest(value.removesuffix(".yaml"), recipe_names())
+            raise FileNotFoundError(
+                f"--config {value!r} is neither a file nor a shipped recipe{errors._did_you_mean(names)} "
+                f"(the recipes: {', '.join(recipe_names())})."
+            )
+        out[index] = prefix + str(recipe)
+    return out
+
+
+class _DropAdvertisements(logging.Filter):
+    """Drops Lightning's tips about installing its cloud products (litlogger, litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("litlogger" in message or "litmodels" in message)
+
+
+def quiet_lightning() -> None:
+    """No messages a user of ``confspec`` cannot act on: Lightning's product tips, its internal deprecations."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvertisements) for f in logger.filters):
+            logger.addFilter(_DropAdvertisements())
+    # raised inside Lightning's own _pytree helper with torch >= 2.10; nothing in a config can change it
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+def _named_in_full(error: BaseException) -> str:
+    """The message, its field named from the config root when the module rejected it (``model.eval_attack.steps``)."""
+    message = str(error)
+    match = re.match(r"([A-Za-z_][\w.\[\]]*)=", message)
+    if match and match.group(1).split(".")[0].split("[")[0] in inspect.signature(RobustFairLitModule).parameters:
+        return "model." + message
+    return message
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``confspec`` and ``python -m confspec_lightning``."""
-    build_cli(args)
+    """Entry point of ``confspec`` and ``python -m confspec_lightning``.
+
+    A value the library rejects prints its one-paragraph message and exits with status 2; ``--debug`` (or
+    ``CONFSPEC_DEBUG=1``) shows the traceback instead.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    quiet_lightning()
+    debug = errors.debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        argv = resolve_recipes(argv)
+        if args is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
+            sys.argv[1:] = argv
+        build_cli(None if args is None else argv)
+    except Exception as error:
+        root = None if debug else errors.user_error(error)
+        if root is None:
+            raise
+        command = " ".join(["confspec", *[a for a in argv[:1] if not a.startswith("-")]])
+        sys.stderr.write(f"{command}: error: {_named_in_full(root)}  [--debug: the traceback]\n")
+        sys.exit(errors.USAGE_EXIT)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,16 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import AttackConfig, check_bool, check_choice, check_int, check_real, eval_mode
+from confspec_lightning.attacks import (
+    AttackConfig,
+    EvalAttackConfig,
+    TrainAttackConfig,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    eval_mode,
+)
 from confspec_lightning.evaluation.autoattack import AutoAttackVersion, autoattack_predictions, check_autoattack_options
 from confspec_lightning.evaluation.report import Divergence, EvaluationReport
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
@@ -55,11 +65,11 @@ TEST_ATTACKS: tuple[str, ...] = ("pgd", "cw", "autoattack")
 EVAL_STAGES = ("val", "test", "train_eval")
 
 
-def _attack_config(name: str, value: AttackConfig | dict[str, Any]) -> AttackConfig:
+def _attack_config(name: str, value: AttackConfig | dict[str, Any], kind: type[AttackConfig]) -> AttackConfig:
     """Accept an AttackConfig or a dict of its fields (as stored in checkpoints' hyperparameters)."""
     if isinstance(value, dict):
         try:
-            return AttackConfig(**value)
+            return kind(**value)
         except TypeError as error:
             raise ValueError(
                 f"{name}={value!r} is not accepted; its fields are norm, eps, step, steps, random_start ({error})."
@@ -142,8 +152,8 @@ class RobustFairLitModule(pl.LightningModule):
         num_classes: int,
         objective: ObjectiveName = "trades",
         beta: float = 6.0,
-        train_attack: AttackConfig = AttackConfig(),
-        eval_attack: AttackConfig = AttackConfig(steps=20),
+        train_attack: TrainAttackConfig = TrainAttackConfig(),
+        eval_attack: EvalAttackConfig = EvalAttackConfig(),
         fairness: list[FairnessMethod] | None = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
         scheduler: LRSchedulerCallable | None = None,
@@ -170,8 +180,8 @@ class RobustFairLitModule(pl.LightningModule):
             raise TypeError(f"backbone must be an nn.Module; got {type(backbone).__name__}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}.")
-        train_attack = _attack_config("train_attack", train_attack)
-        eval_attack = _attack_config("eval_attack", eval_attack)
+        train_attack = _attack_config("train_attack", train_attack, TrainAttackConfig)
+        eval_attack = _attack_config("eval_attack", eval_attack, EvalAttackConfig)
         check_int("eval_seed", eval_seed, 0)
         for name, values, positive in (("input_mean", input_mean, False), ("input_std", input_std, True)):
             if values is not None:
@@ -453,9 +463,10 @@ class RobustFairLitModule(pl.LightningModule):
         """A fresh pass over this rank's training batches, on device, under the precision context."""
         trainer = self.trainer
         limit = trainer.num_training_batches
-        batches = itertools.islice(trainer.train_dataloader, None if math.isinf(limit) else int(limit))
+        total = None if math.isinf(limit) else int(limit)
+        batches = itertools.islice(trainer.train_dataloader, total)
         with trainer.precision_plugin.forward_context():
-            for batch in batches:
+            for batch in self._pass_progress(batches, total, f"epoch {trainer.current_epoch}: attack pass (train)"):
                 x, target = trainer.strategy.batch_to_device(batch)
                 yield self.format_input(x), target
 
@@ -475,7 +486,8 @@ class RobustFairLitModule(pl.LightningModule):
             shard, batch_size=loader.batch_size or 256, shuffle=False, collate_fn=loader.collate_fn
         )
         with trainer.precision_plugin.forward_context():
-            for batch in shard_loader:
+            description = f"epoch {trainer.current_epoch}: validation-split pass"
+            for batch in self._pass_progress(shard_loader, len(shard_loader), description):
                 stage = trainer.state.stage
                 trainer.state.stage = RunningStage.VALIDATING
                 try:
@@ -483,6 +495,15 @@ class RobustFairLitModule(pl.LightningModule):
                 finally:
                     trainer.state.stage = stage
                 yield self.format_input(x), target
+
+    def _pass_progress(self, batches: Iterable[Any], total: int | None, description: str) -> Iterable[Any]:
+        """A progress bar over a fairness method's extra pass (rank 0, when the trainer shows progress bars)."""
+        bar = self.trainer.progress_bar_callback
+        if bar is None or not bar.is_enabled or not self.trainer.is_global_zero:
+            return batches
+        from tqdm.auto import tqdm
+
+        return tqdm(batches, total=total, desc=description, leave=False, dynamic_ncols=True, unit="batch")
 
     def _epoch_context(self, epoch: int) -> EpochContext:
         return EpochContext(
@@ -560,6 +581,12 @@ class RobustFairLitModule(pl.LightningModule):
         if self._stashed_weights is not None:
             self.net.load_state_dict(self._stashed_weights)
             self._stashed_weights = None
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """``predict`` writes its predictions to ``predictions.csv`` in the run directory."""
+        from confspec_lightning.evaluation.predictions import PredictionWriter
+
+        return [PredictionWriter()]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -711,9 +738,21 @@ class RobustFairLitModule(pl.LightningModule):
                 attacks=self.autoattack_attacks,
                 batch_size=x.shape[0],
                 seed=self.eval_seed + batch_idx,
+                progress=self._autoattack_progress(batch_idx),
             )
         for key, value in predictions.items():
             self._test_predictions[stage].setdefault(key, []).append(value.detach())
+
+    def _autoattack_progress(self, batch_idx: int) -> Callable[[str], None] | None:
+        """Prints AutoAttack's progress on this test batch (rank 0, when the trainer shows progress bars)."""
+        bar = self.trainer.progress_bar_callback
+        if bar is None or not bar.is_enabled or not self.trainer.is_global_zero:
+            return None
+        from tqdm.auto import tqdm
+
+        batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else "?"
+        prefix = f"AutoAttack, test batch {batch_idx + 1}/{batches}"
+        return lambda message: tqdm.write(f"{prefix}: {message}", file=sys.stderr)
 
     def _attack_key(self, attack: str) -> str:
         return f"{attack}{self.eval_attack.steps}"  # pgd20, cw20

@@ -15,6 +15,10 @@ from confspec_lightning import functional as CF
 from confspec_lightning.evaluation.report import Divergence, summarize
 from confspec_lightning.io import atomic_write_text
 
+#: Printed per-class tables with more classes show the TABLE_EXTREMES worst and best ones (by robust accuracy).
+MAX_TABLE_CLASSES = 20
+TABLE_EXTREMES = 5
+
 
 def format_mean_std(values: list[float], *, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
     """``"mean ± std"`` of ``scale * values`` over runs (e.g. seeds; sample std), the mean alone for one run.
@@ -126,9 +130,16 @@ class ClasswiseReport:
             f"Per-class accuracy ({self.stage} split, epoch {self.epoch}; robust = {self.attack})",
             f"{'class':<{width}}  {'n':>5}  {'clean %':>8}  {'robust %':>8}",
         ]
-        for name, n, clean, robust in zip(
-            self.class_names, self.class_counts, self.clean_acc, self.robust_acc, strict=True
-        ):
+        rows = list(zip(self.class_names, self.class_counts, self.clean_acc, self.robust_acc, strict=True))
+        shown = range(len(rows))
+        if len(rows) > MAX_TABLE_CLASSES:  # the worst and best few by robust accuracy; all of them in the JSON
+            order = sorted(range(len(rows)), key=lambda i: (math.isnan(rows[i][3]), rows[i][3]))
+            shown = [*order[:TABLE_EXTREMES], None, *order[-TABLE_EXTREMES:]]
+        for index in shown:
+            if index is None:
+                lines.append(f"{'...':<{width}}  ({len(rows) - 2 * TABLE_EXTREMES} classes not shown; all in the JSON)")
+                continue
+            name, n, clean, robust = rows[index]
             lines.append(f"{name:<{width}}  {n:>5}  {100 * clean:>8.2f}  {100 * robust:>8.2f}")
         c_avg, c_worst, c_idx, c_spread = summarize(self.clean_acc)
         r_avg, r_worst, r_idx, r_spread = summarize(self.robust_acc)
@@ -150,7 +161,7 @@ class ClasswiseReport:
             train_avg, _, _, _ = summarize(self.divergence.train_acc)
             lines.append(
                 f"Kendall tau of per-class robust accuracy, train subset vs {self.stage}: "
-                f"{self.divergence.kendall_tau:.3f} (train subset robust avg {100 * train_avg:.2f} %)"
+                f"{self.divergence.describe_tau()} (train subset robust avg {100 * train_avg:.2f} %)"
             )
         return "\n".join(lines)
 

@@ -107,7 +107,20 @@ ANY_VALUE = st.one_of(
     st.none(),
     st.text(max_size=4),
     st.sampled_from(
-        ["linf", "l2", "relative", "additive", "epoch_pass", "streaming", "batch", "ema", "paper", "kl", "counts", "0.3"]
+        [
+            "linf",
+            "l2",
+            "relative",
+            "additive",
+            "epoch_pass",
+            "streaming",
+            "batch",
+            "ema",
+            "paper",
+            "kl",
+            "counts",
+            "0.3",
+        ]
     ),
     st.lists(st.floats(allow_nan=True), max_size=2),
 )
@@ -117,7 +130,7 @@ SPECS: dict[str, tuple[Callable[..., Any], dict[str, Callable[[Any], bool]]]] = 
         AttackConfig,
         {
             "norm": choice("linf", "l2"),
-            "eps": at_least(0, strict=True),
+            "eps": in_range(0, 1, open_low=True),  # linf (the default norm): pixels lie in [0, 1]
             "step": at_least(0, strict=True),
             "steps": lambda v: integer(v, 1),
             "random_start": is_bool,
@@ -231,7 +244,8 @@ def test_config_fields_at_fixed_edge_values(prefix):
     for name, valid in fields.items():
         for value in EDGE_VALUES:
             count(
-                f"{prefix} constructor (edge values)", check_field(build, f"{FIELD_PREFIX.get(prefix, prefix)}.{name}", name, value, valid(value))
+                f"{prefix} constructor (edge values)",
+                check_field(build, f"{FIELD_PREFIX.get(prefix, prefix)}.{name}", name, value, valid(value)),
             )
 
 
@@ -647,6 +661,11 @@ def test_malicious_checkpoint_is_refused_by_the_cli_ckpt_path(tmp_path, monkeypa
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     config = pathlib.Path(__file__).resolve().parents[1] / "configs/digits/trades.yaml"
     args = ["fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
-    with pytest.raises(pickle.UnpicklingError, match=r"Weights only load failed"):
+    with pytest.raises(ValueError, match=r"--ckpt_path=.* holds pickled Python objects") as error:
+        main([*args, "--trainer.logger=false", f"--ckpt_path={path}", "--debug"])
+    assert isinstance(error.value.__cause__, pickle.UnpicklingError)
+    assert not marker.exists()
+    with pytest.raises(SystemExit) as exit_info:  # without --debug: one line naming the file, exit status 2
         main([*args, "--trainer.logger=false", f"--ckpt_path={path}"])
+    assert exit_info.value.code == 2
     assert not marker.exists()

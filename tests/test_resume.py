@@ -394,6 +394,17 @@ def test_preemption_signal_saves_mid_epoch_and_the_resumed_fit_equals_an_uninter
     # the batches not yet seen, in the same order: the two processes together saw exactly the reference's
     assert _records(out) == _records(reference)
     _assert_same_end(method, reference, out)
+    # the resumed fit continued the same run, so it kept the best checkpoint an uninterrupted fit keeps
+    assert [p.name for p in (out / "runs").glob("*/*")] == ["version_0"]
+    assert _best(out) == _best(reference)
+
+
+def _best(out: Path) -> tuple[str, float]:
+    """(file name, score) of the best checkpoint the run's ModelCheckpoint recorded."""
+    state = torch.load(next((out / "runs").glob("*/version_0/checkpoints/last.ckpt")), weights_only=True)
+    (best,) = [v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint") and v.get("monitor")]
+    assert Path(best["best_model_path"]).is_file()
+    return Path(best["best_model_path"]).name, float(best["best_model_score"])
 
 
 @pytest.mark.slow

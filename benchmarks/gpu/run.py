@@ -76,8 +76,11 @@ def finetune_commands(args: argparse.Namespace, out: Path) -> list[tuple[str, li
         "--model.init_args.autoattack_version=custom",
         "--model.init_args.autoattack_attacks=[apgd-ce,apgd-t]",
     ]
-    if args.smoke:
+    if args.smoke:  # the same commands with a tiny backbone and budget: seconds on a CPU
         common += [
+            "--model.init_args.backbone.class_path=confspec_lightning.models.DigitsCNN",
+            "--model.init_args.backbone.init_args={num_classes: 10, in_channels: 3, width: 4}",
+            "--model.init_args.autoattack_attacks=[apgd-ce]",
             "--trainer.accelerator=cpu",
             "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
@@ -112,9 +115,9 @@ def finetune_commands(args: argparse.Namespace, out: Path) -> list[tuple[str, li
         finetune = [
             "--config",
             str(ROOT / f"configs/cifar10/{method}.yaml"),
-            *common,
             "--model.init_args.backbone.class_path=confspec_lightning.models.PreActResNet18",
             "--model.init_args.backbone.init_args={num_classes: 10}",
+            *common,
             f"--model.init_args.init_weights={weights}",
             f"--trainer.max_epochs={args.finetune_epochs}",
             f"--trainer.logger.init_args.name={method}",

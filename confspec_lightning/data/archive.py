@@ -147,15 +147,33 @@ def decode_image(data: bytes | str | os.PathLike[str], source: str) -> np.ndarra
         raise ValueError(f"{source}: could not be decoded as an image (corrupt or truncated?): {exc}") from exc
 
 
-def decode_images(items: Iterable[tuple[bytes | str | os.PathLike[str], str]], count: int) -> np.ndarray:
+#: Decodes of at least this many images show a progress bar (on a terminal; tqdm stays silent in log files).
+PROGRESS_MIN_IMAGES = 5000
+
+
+def decode_images(
+    items: Iterable[tuple[bytes | str | os.PathLike[str], str]], count: int, description: str = "decoding images"
+) -> np.ndarray:
     """Decode ``count`` ``(data, source)`` pairs of the same size into uint8 (N, 3, H, W).
+
+    A progress bar (``description``) shows on a terminal for :data:`PROGRESS_MIN_IMAGES` images or more.
 
     Raises:
         ValueError: when an image cannot be decoded or differs in size from the first one (the error
             names its ``source``).
     """
+    from tqdm.auto import tqdm
+
     out: np.ndarray | None = None
-    for i, (data, source) in enumerate(items):
+    progress = tqdm(
+        items,
+        total=count,
+        desc=description,
+        unit="img",
+        leave=False,
+        disable=None if count >= PROGRESS_MIN_IMAGES else True,
+    )
+    for i, (data, source) in enumerate(progress):
         image = decode_image(data, source)
         if out is None:
             out = np.empty((count, *image.shape), dtype=np.uint8)
@@ -209,7 +227,8 @@ def _decode_archive(
         )
     name = f"{path}[{split}]" if split else str(path)
     items = ((jpeg[offsets[i] : offsets[i + 1]].tobytes(), f"{name} image {i}") for i in indices)
-    return decode_images(items, len(indices)), labels[indices]
+    description = f"decoding {Path(path).name}" + (f" [{split}]" if split else "")
+    return decode_images(items, len(indices), description), labels[indices]
 
 
 def _existing(path: str | os.PathLike[str], keys: Sequence[str]) -> Path:

@@ -45,11 +45,11 @@ def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{name}={value!r} is not accepted; it must be an integer >= {minimum}.")
 
 
-def stratified_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+def stratified_indices(labels: np.ndarray, per_class: int, seed: int, name: str = "per_class") -> np.ndarray:
     """Sorted indices of ``per_class`` samples of every class, drawn without replacement (seeded).
 
     Raises:
-        ValueError: when a class has fewer than ``per_class`` samples.
+        ValueError: when a class has fewer than ``per_class`` samples (naming the option ``name``).
     """
     rng = np.random.default_rng(seed)
     chosen = []
@@ -57,7 +57,8 @@ def stratified_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndar
         members = np.flatnonzero(labels == cls)
         if len(members) < per_class:
             raise ValueError(
-                f"class {int(cls)} has {len(members)} samples, fewer than the {per_class} per class asked for."
+                f"{name}={per_class!r} is not accepted: class {int(cls)} has {len(members)} samples, fewer than the "
+                f"{per_class} per class asked for."
             )
         chosen.append(rng.choice(members, size=per_class, replace=False))
     return np.sort(np.concatenate(chosen))
@@ -241,7 +242,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             return
         train_x, train_y = self.load_split("train")
         if self.val_per_class is not None:
-            val_idx = stratified_indices(train_y.numpy(), self.val_per_class, self.seed)
+            val_idx = stratified_indices(train_y.numpy(), self.val_per_class, self.seed, "data.val_per_class")
             keep = np.ones(len(train_y), dtype=bool)
             keep[val_idx] = False
             self.splits["val"] = TensorDataset(train_x[torch.from_numpy(val_idx)], train_y[torch.from_numpy(val_idx)])
@@ -250,16 +251,21 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.splits["val"] = TensorDataset(*self.load_split("val"))
         test_x, test_y = self.load_split("test")
         if self.test_per_class is not None:
-            idx = torch.from_numpy(stratified_indices(test_y.numpy(), self.test_per_class, self.seed + 2))
+            idx = stratified_indices(test_y.numpy(), self.test_per_class, self.seed + 2, "data.test_per_class")
+            idx = torch.from_numpy(idx)
             test_x, test_y = test_x[idx], test_y[idx]
         self.splits["test"] = TensorDataset(test_x, test_y)
         self.splits.setdefault("val", self.splits["test"])
         if self.train_per_class is not None:
-            idx = torch.from_numpy(stratified_indices(train_y.numpy(), self.train_per_class, self.seed + 3))
+            idx = stratified_indices(train_y.numpy(), self.train_per_class, self.seed + 3, "data.train_per_class")
+            idx = torch.from_numpy(idx)
             train_x, train_y = train_x[idx], train_y[idx]
         self.splits["train"] = TensorDataset(train_x, train_y)
         if self.train_eval_per_class > 0:
-            idx = torch.from_numpy(stratified_indices(train_y.numpy(), self.train_eval_per_class, self.seed + 1))
+            idx = stratified_indices(
+                train_y.numpy(), self.train_eval_per_class, self.seed + 1, "data.train_eval_per_class"
+            )
+            idx = torch.from_numpy(idx)
             self.splits["train_eval"] = TensorDataset(train_x[idx], train_y[idx])
 
     # ----------------------------------------------------------------- loaders

@@ -181,4 +181,4 @@ class TinyImageNetDataModule(ClassificationDataModule):
 
     def _decode_folder(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         files, labels = self._folder_files(split)
-        return archive.decode_images(((path, str(path)) for path in files), len(files)), labels
+        return archive.decode_images(((path, str(path)) for path in files), len(files), f"decoding {split}"), labels

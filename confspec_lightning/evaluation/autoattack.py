@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
-from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
 from confspec_lightning.attacks import NORMS, check_choice, eval_mode, grad_enabled
@@ -34,9 +34,26 @@ class _WarningsHandler(logging.Handler):
         warnings.warn(f"AutoAttack: {record.getMessage()}", RuntimeWarning, stacklevel=2)
 
 
+class _ProgressHandler(logging.Handler):
+    """Hands pyautoattack's progress messages (an attack starts, a chunk is done, robust accuracy after it) on."""
+
+    PATTERN = re.compile(r"^(running |robust accuracy after |[\w-]+ - \d+/\d+ - )")
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.PATTERN.match(message):
+            self.report(message)
+
+
 @contextlib.contextmanager
-def _quiet_autoattack_logger(log_path: str | None) -> Iterator[None]:
+def _quiet_autoattack_logger(log_path: str | None, progress: Callable[[str], None] | None = None) -> Iterator[None]:
     """Route pyautoattack's log to ``log_path`` (all levels) or nowhere; its warnings become Python warnings.
+
+    ``progress``, if given, receives its progress messages (which attack runs, chunks done, accuracy after each).
 
     The logger's handlers, level and propagation are restored afterwards.
     """
@@ -47,8 +64,10 @@ def _quiet_autoattack_logger(log_path: str | None) -> Iterator[None]:
         file_handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handlers.append(file_handler)
+    if progress is not None:
+        handlers.append(_ProgressHandler(progress))
     logger.handlers = handlers
-    logger.setLevel(logging.DEBUG if log_path is not None else logging.WARNING)
+    logger.setLevel(logging.DEBUG if log_path is not None or progress is not None else logging.WARNING)
     logger.propagate = False  # nothing reaches the root logger's (or logging's last-resort) handlers
     try:
         yield
@@ -114,6 +133,7 @@ def autoattack_predictions(
     batch_size: int = 256,
     seed: int = 0,
     log_path: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Tensor:
     """Predictions of ``model`` on AutoAttack's adversarial examples of ``(x, y)``.
 
@@ -136,6 +156,7 @@ def autoattack_predictions(
         seed: seed of every random start.
         log_path: if given, pyautoattack's log is appended to this file; otherwise it prints nothing.
             Its warnings (e.g. "it seems to be a randomized defense") are always issued as ``RuntimeWarning``.
+        progress: called with each progress message (attack started, chunk done, robust accuracy after it).
 
     Returns:
         int64 predictions (B,) on the device of ``x``.
@@ -151,8 +172,11 @@ def autoattack_predictions(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is not accepted; it must be an integer >= 1.")
 
+    from pyautoattack import AutoAttack  # imported on first use: it is slow to import
+
     device = x.device
-    with grad_enabled(), eval_mode(model), _quiet_autoattack_logger(log_path), _seeded(device, seed), _keep_trace():
+    logger = _quiet_autoattack_logger(log_path, progress)
+    with grad_enabled(), eval_mode(model), logger, _seeded(device, seed), _keep_trace():
         x = x.detach().clone()
         y = y.detach().clone().to(device=device, dtype=torch.long)
         adversary = AutoAttack(

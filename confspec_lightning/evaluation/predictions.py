@@ -30,47 +30,43 @@ class PredictionWriter(BasePredictionWriter):
     """
 
     def __init__(self, directory: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch")
         self.directory = directory
         self.path: Path | None = None
+        self._rows: list[tuple[int, int | str, int, int | str]] = []
 
-    def write_on_epoch_end(
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows = []
+
+    def write_on_batch_end(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        predictions: Sequence[Any],
-        batch_indices: Sequence[Any] | None,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
-        rows = []
-        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
-        offset = 0
-        for number, out in enumerate(batches):
-            size = int(out["pred"].numel())
-            index = indices[number] if indices and number < len(indices) and indices[number] else None
-            index = list(index) if index is not None else list(range(offset, offset + size))
-            offset += size
-            label = out.get("target")
-            adversarial = out.get("adv_pred")
-            for i in range(size):
-                rows.append(
-                    (
-                        int(index[i]),
-                        "" if label is None else int(label[i]),
-                        int(out["pred"][i]),
-                        "" if adversarial is None else int(adversarial[i]),
-                    )
-                )
-        rows.sort(key=lambda row: row[0])
-        directory = Path(self.directory or trainer.log_dir or ".")
+        size = int(prediction["pred"].numel())
+        if batch_indices is None or len(batch_indices) != size:  # a sampler Lightning cannot track: positions
+            start = len(self._rows)
+            batch_indices = range(start, start + size)
+        label, clean, adversarial = prediction.get("target"), prediction["pred"].tolist(), prediction.get("adv_pred")
+        labels = label.tolist() if label is not None else [""] * size
+        adversarials = adversarial.tolist() if adversarial is not None else [""] * size
+        self._rows += [(int(i), y, c, a) for i, y, c, a in zip(batch_indices, labels, clean, adversarials, strict=True)]
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = Path(self.directory or trainer.log_dir or ".")  # log_dir: a collective under DDP
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
         self.path = directory / name
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(COLUMNS)
-        writer.writerows(rows)
+        writer.writerows(sorted(self._rows, key=lambda row: row[0]))
         atomic_write_text(self.path, buffer.getvalue())
-        print(f"predictions of {len(rows)} samples written to {self.path}", flush=True)
+        print(f"predictions of {len(self._rows)} samples written to {self.path}", flush=True)
 
 
 def read_predictions(path: str | Path) -> dict[str, torch.Tensor]:

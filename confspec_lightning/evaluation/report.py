@@ -208,6 +208,16 @@ class Divergence:
             train_size=int(train_target.numel()),
         )
 
+    def describe_tau(self, digits: int = 3) -> str:
+        """Kendall's tau as text; why it is undefined when it is (e.g. every class at 0 % on one split)."""
+        if not math.isnan(self.kendall_tau):
+            return f"{self.kendall_tau:.{digits}f}"
+        for split, values in (("train subset", self.train_acc), ("test split", self.test_acc)):
+            present = {v for v in values if not math.isnan(v)}
+            if len(present) == 1:
+                return f"undefined (every class at {100 * present.pop():.0f} % on the {split})"
+        return "undefined (fewer than 2 classes with samples)"
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Divergence:
         """Inverse of ``asdict`` after :func:`_json_safe` (null -> NaN)."""
@@ -377,7 +387,7 @@ class EvaluationReport:
         if self.divergence is not None:
             d = self.divergence
             size = "" if d.train_size is None else f" ({d.train_size} samples)"
-            tau = "-" if math.isnan(d.kendall_tau) else f"{d.kendall_tau:.4f}"
+            tau = d.describe_tau(4)
             lines += [
                 "",
                 "## Train/test divergence",
