@@ -222,7 +222,10 @@ class PreemptionCheckpoint(Callback):
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("PreemptionCheckpoint: not in the main thread; signals are not handled.")
             return
-        environment = trainer._accelerator_connector.cluster_environment
+        # the strategy's cluster environment (multi-process strategies); one process under SLURM: Lightning's default
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is None and SLURMEnvironment.detect():
+            environment = SLURMEnvironment()
         slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         for name in self.signals:
             signum = getattr(signal, name)

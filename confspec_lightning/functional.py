@@ -28,14 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from confspec_lightning.attacks import check_choice, check_int, check_real
 from confspec_lightning.objectives import cross_entropy
+from confspec_lightning.validation import check_choice, check_int, check_real
 
 Margin = Literal["relative", "additive"]
-MARGINS: tuple[str, ...] = ("relative", "additive")
 #: What a sample charges to its confusion cell (docs/method.md, "CSR: the paper's form").
 Surrogate = Literal["counts", "kl", "soft"]
-SURROGATES: tuple[str, ...] = ("counts", "kl", "soft")
 
 
 def margin_predictions(logits: Tensor, target: Tensor, gamma: float = 0.0, margin: Margin = "relative") -> Tensor:
@@ -45,7 +43,7 @@ def margin_predictions(logits: Tensor, target: Tensor, gamma: float = 0.0, margi
     ``additive`` (paper): every wrong-class logit is raised by gamma before the argmax.
     With gamma = 0 both are the plain argmax.
     """
-    check_choice("margin", margin, MARGINS)
+    check_choice("margin", margin, Margin)
     check_real("gamma", gamma, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     if gamma == 0.0:
         return logits.argmax(dim=1)
@@ -292,7 +290,7 @@ def surrogate_contributions(
     Returns:
         float32 (B, K).
     """
-    check_choice("surrogate", surrogate, SURROGATES)
+    check_choice("surrogate", surrogate, Surrogate)
     num_classes = adv_logits.shape[1]
     is_true = F.one_hot(target, num_classes).bool()
     if surrogate == "soft":

@@ -9,8 +9,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import check_choice
-from confspec_lightning.functional import MARGINS, SURROGATES, Margin, Surrogate
+from confspec_lightning.functional import Margin, Surrogate
+from confspec_lightning.validation import check_choice
 
 
 class _StatisticsMetric(Metric):
@@ -63,8 +63,8 @@ class RobustConfusionMatrix(_StatisticsMetric):
         super().__init__(**kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} is not accepted; it must be an integer >= 2.")
-        check_choice("margin", margin, MARGINS)
-        check_choice("surrogate", surrogate, SURROGATES)
+        check_choice("margin", margin, Margin)
+        check_choice("surrogate", surrogate, Surrogate)
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma={gamma!r} is not accepted; it must lie in [0, 1).")
         self.num_classes = num_classes

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, AttackObjective, check_choice, check_real
+from confspec_lightning.attacks import AttackConfig, AttackObjective
+from confspec_lightning.validation import check_choice, check_real
 
 ObjectiveName = Literal["trades", "pgd_at"]
-OBJECTIVES: tuple[str, ...] = ("trades", "pgd_at")
 
 
 def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
@@ -174,7 +174,7 @@ class TRADESObjective(BaseObjective):
 
 def build_objective(name: ObjectiveName, attack: AttackConfig, beta: float = 6.0) -> BaseObjective:
     """The base objective called ``name`` (``"trades"`` or ``"pgd_at"``)."""
-    check_choice("objective", name, OBJECTIVES)
+    check_choice("objective", name, ObjectiveName)
     if name == "trades":
         return TRADESObjective(attack, beta=beta)
     return PGDATObjective(attack)

@@ -300,12 +300,12 @@ def test_module_fields_at_fixed_edge_values():
 )
 def test_module_attack_dicts_from_checkpoints_are_checked(eps, steps):
     config = {"eps": eps, "steps": steps}
-    valid = real(eps) and eps > 0 and integer(steps, 1)
+    valid = real(eps) and 0 < eps <= 1 and integer(steps, 1)  # linf (the default): pixels lie in [0, 1]
     try:
         make_module(fairness=[], train_attack=config)
     except (ValueError, TypeError) as error:
         assert not valid, error
-        field, value = ("attack.eps", eps) if not (real(eps) and eps > 0) else ("attack.steps", steps)
+        field, value = ("attack.eps", eps) if not (real(eps) and 0 < eps <= 1) else ("attack.steps", steps)
         assert_names(error, field, value)
         count("train_attack dict", False)
         return

@@ -347,7 +347,7 @@ def test_state_round_trip_and_exact_resume(name, chdir_tmp):
     state = torch.load("epoch0.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     for key in STATE_KEYS[name]:
         assert f"fairness.0.{key}" in state, key
-    assert int(state["fairness_epoch_end_done"]) == 0
+    assert int(state["fairness.epoch_end_done"]) == 0
     resumed = make_module(
         fairness=[build(name)], train_attack=AttackConfig(eps=0.1, step=0.04, steps=2, random_start=False)
     )
@@ -356,7 +356,7 @@ def test_state_round_trip_and_exact_resume(name, chdir_tmp):
     assert final_straight.keys() == final_resumed.keys()
     for key, value in final_straight.items():
         torch.testing.assert_close(final_resumed[key], value, msg=key, rtol=1e-5, atol=1e-6)
-    assert int(final_resumed["fairness_epoch_end_done"]) == 1
+    assert int(final_resumed["fairness.epoch_end_done"]) == 1
     if name == "wat":  # two validation passes added, neither repeated nor skipped by the resume
         assert not torch.equal(final_resumed["fairness.0.cumulative_loss"], torch.zeros(11, dtype=torch.float64))
 

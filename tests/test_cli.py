@@ -19,8 +19,8 @@ QUICK = [
     "--trainer.enable_model_summary=false",
     "--model.init_args.train_attack.steps=2",
     "--model.init_args.eval_attack.steps=2",
-    "--model.init_args.autoattack_version=custom",
-    "--model.init_args.autoattack_attacks=[apgd-ce]",
+    "--config",
+    str(ROOT / "tests/quick_attacks.yaml"),
 ]
 
 
@@ -79,9 +79,9 @@ def test_every_config_fast_dev_run(config, chdir_tmp):
     assert module.num_classes == dm.num_classes  # linked, given once
     assert module.class_names == dm.class_names
     assert cli.trainer.state.finished
-    assert "val" in module.reports
+    assert "val" in module.evaluator.reports
     cli.trainer.test(module, datamodule=dm)
-    assert set(module.evaluation.attacks) == {"clean", "pgd2", "cw2", "autoattack"}
+    assert set(module.evaluator.reports["test"].attacks) == {"clean", "pgd2", "cw2", "autoattack"}
 
 
 def test_version_and_print_config(capsys):

@@ -18,6 +18,7 @@ import torch
 
 from conftest import ROOT
 
+PGD_ONLY = "--model.init_args.test_attacks=[{class_path: confspec_lightning.attacks.PGD}]"
 QUICK = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
@@ -137,13 +138,13 @@ def test_best_and_last_resolve_within_the_named_run(tmp_path):
     assert "--trainer.logger.init_args.version" in proc.stderr
     proc = confspec(
         "test", "--config", "digits/trades", *QUICK, "--ckpt_path=best", "--trainer.logger.init_args.version=0",
-        "--model.init_args.test_attacks=[pgd]", cwd=tmp_path,
+        PGD_ONLY, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--ckpt_path best -> runs/digits_trades/version_0/checkpoints/best-epoch000.ckpt" in proc.stdout
     run_dir = tmp_path / "runs/digits_trades/version_0"
     proc = confspec(
-        "test", "--config", "digits/trades", *QUICK, f"--ckpt_path={run_dir}", "--model.init_args.test_attacks=[pgd]",
+        "test", "--config", "digits/trades", *QUICK, f"--ckpt_path={run_dir}", PGD_ONLY,
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0 and f"--ckpt_path {run_dir} -> " in proc.stdout

@@ -254,9 +254,9 @@ def test_paper_form_trains_in_a_trainer(options):
     assert torch.isfinite(metrics["train/loss_csr"]) and float(metrics["train/loss_csr"]) > 0
     assert {"csr/source_sigma1", "csr/source_sigma_ratio"} <= set(metrics)
     assert {"train/confusion_spectral_norm", "val/confusion_nu", "val/confusion_l1_norm"} <= set(metrics)
-    history = module.reports["val"].history
+    history = module.evaluator.reports["val"].history
     assert [entry["epoch"] for entry in history] == [0, 1]
     assert set(history[-1]["train"]) >= {"spectral_norm", "sigma_2", "sigma_ratio", "l1_norm", "nu"}
     val = history[-1]["val"]
-    assert val["l1_norm"] == pytest.approx(1 - min(module.reports["val"].robust_acc))
+    assert val["l1_norm"] == pytest.approx(1 - module.evaluator.reports["val"].robust.worst)
     assert 0.0 < val["nu"] <= math.sqrt(10) + 1e-9  # ||C||_1 <= sqrt(K) ||C||_2

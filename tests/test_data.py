@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -530,10 +531,16 @@ class BatchRecordingModule(RobustFairLitModule):
         super().__init__(**kwargs)
         self.seen: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def _train_batches(self):
-        for x, target in super()._train_batches():
-            self.seen.setdefault(("csr", self.current_epoch), []).append((x.clone(), target.clone()))
-            yield x, target
+    def epoch_context(self, epoch):
+        context = super().epoch_context(epoch)
+        passes = context.train_batches
+
+        def recorded():
+            for x, target in passes():
+                self.seen.setdefault(("csr", self.current_epoch), []).append((x.clone(), target.clone()))
+                yield x, target
+
+        return dataclasses.replace(context, train_batches=recorded)
 
     def training_step(self, batch, batch_idx):
         self.seen.setdefault(("train", self.current_epoch), []).append((batch[0].clone(), batch[1].clone()))

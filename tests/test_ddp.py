@@ -90,6 +90,11 @@ BASELINE_STACKS = {
         "        init_args: {warmup_epochs: 1, average_threshold: 0.0, average_eval_steps: 3}\n"
         "      - class_path: confspec_lightning.fairness.FAAL\n"
     ),
+    # DAFA (the class-wise mean adversarial softmax of epoch 0, summed over ranks; then W per class) + CSR
+    "dafa_csr": (
+        "      - class_path: confspec_lightning.fairness.DAFA\n        init_args: {warmup_epochs: 1}\n"
+        "      - class_path: confspec_lightning.fairness.CSR\n        init_args: {confusion_source: streaming}\n"
+    ),
 }
 
 
@@ -104,9 +109,11 @@ def test_ddp_baseline_state_equals_one_process(tmp_path, stack):
     state = {
         "frl_wat": ["fairness.0.multiplier_bndy", "fairness.0.multiplier_margin", "fairness.1.cumulative_loss"],
         "cfa_faal": ["fairness.0.train_robust_acc", "fairness.1.weight_sum"],
+        "dafa_csr": ["fairness.0.weights", "fairness.1.direction"],
     }[stack]
     for key in state:  # the state did move (the comparison is not between two initial states)
-        assert single_state[key].abs().sum() > 0, key
+        value = single_state[key]
+        assert value.abs().sum() > 0 and not torch.equal(value, torch.ones_like(value)), key
     for key in ("class_counts", "clean_acc", "robust_acc"):
         torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
 

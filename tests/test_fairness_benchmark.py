@@ -32,7 +32,7 @@ QUICK = [
     "--extra=--trainer.limit_train_batches=2",
     "--extra=--model.init_args.train_attack.steps=1",
     "--extra=--model.init_args.eval_attack.steps=1",
-    "--extra=--model.init_args.autoattack_attacks=[apgd-ce]",
+    f"--extra=--config={ROOT / 'tests/quick_attacks.yaml'}",
     "--extra=--data.init_args.test_fraction=0.05",
 ]
 

@@ -22,9 +22,9 @@ def test_fast_dev_run_fit_validate_test(objective, source):
     trainer.fit(module, dm)
     trainer.validate(module, dm)
     trainer.test(module, dm)
-    report = module.reports["test"]
-    assert len(report.robust_acc) == 10
-    assert report.confusion_spectral_norm >= 0
+    report = module.evaluator.reports["test"]
+    assert len(report.robust.classwise_acc) == 10
+    assert report.robust.confusion_spectral_norm >= 0
 
 
 def test_bf16_mixed_precision_trains_and_attacks():
@@ -137,11 +137,12 @@ def test_train_test_divergence_diagnostic_is_logged_and_reported():
     module = make_module()
     trainer = make_trainer(limit_val_batches=None)
     trainer.fit(module, DigitsDataModule(batch_size=32, train_eval_per_class=10))
-    report = module.reports["val"]
-    assert len(module.reports["train_eval"].robust_acc) == 10
-    assert sum(module.reports["train_eval"].class_counts) == 100
+    report = module.evaluator.reports["val"]
+    train_eval = module.evaluator.reports["train_eval"]
+    assert len(train_eval.robust.classwise_acc) == 10
+    assert sum(train_eval.class_counts) == 100
     tau = report.divergence.kendall_tau
     assert -1.0 <= tau <= 1.0
     assert trainer.callback_metrics["val/robust_acc_kendall_tau_train"].item() == pytest.approx(tau, abs=1e-6)
     assert "Kendall tau" in report.format_table()
-    assert report.to_dict()["divergence"]["train_acc"] == module.reports["train_eval"].robust_acc
+    assert report.to_dict()["divergence"]["train_acc"] == train_eval.robust.classwise_acc

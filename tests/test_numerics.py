@@ -16,10 +16,10 @@ from torch import nn
 
 from confspec_lightning import functional as CF
 from confspec_lightning.data import DigitsDataModule
+from confspec_lightning.evaluation.classwise import ClasswiseResult
 from confspec_lightning.fairness import CFA, CSR, FAAL, FRL, WAT, EpochContext
 from confspec_lightning.fairness.faal import faal_class_weights, kl_from_uniform, probability_margins
 from confspec_lightning.fairness.frl import self_normalized
-from confspec_lightning.fairness.statistics import ClasswiseAccuracy
 from confspec_lightning.fairness.wat import wat_weights
 from confspec_lightning.module import RobustFairLitModule
 from confspec_lightning.objectives import ObjectiveOutput, build_objective, combine_terms, cross_entropy, kl_divergence
@@ -202,13 +202,15 @@ def test_frl_multipliers_with_zero_counts():
     frl = FRL(mode="reweight_remargin")
     frl.bind(K)
     zeros = torch.zeros(K, dtype=torch.float64)
-    stats = ClasswiseAccuracy(zeros, zeros, zeros)  # no validation sample of any class
+    names = [str(c) for c in range(K)]
+    clean = robust = ClasswiseResult.from_counts(zeros, zeros, names)  # no validation sample of any class
     for epoch in range(3):
-        frl.update_multipliers(stats.clean_acc, stats.robust_acc, epoch)
+        frl.update_multipliers(clean.accuracy(empty=1.0), robust.accuracy(empty=1.0), epoch)
     counts = torch.tensor([0.0, 5.0, 0.0, 3.0], dtype=torch.float64)
-    stats = ClasswiseAccuracy(torch.tensor([0.0, 5.0, 0.0, 0.0]).double(), torch.zeros(K).double(), counts)
+    clean = ClasswiseResult.from_counts(torch.tensor([0.0, 5.0, 0.0, 0.0]).double(), counts, names)
+    robust = ClasswiseResult.from_counts(torch.zeros(K).double(), counts, names)
     for epoch in range(50):
-        frl.update_multipliers(stats.clean_acc, stats.robust_acc, epoch)
+        frl.update_multipliers(clean.accuracy(empty=1.0), robust.accuracy(empty=1.0), epoch)
     w_nat, w_bndy = frl.class_weights()
     assert finite(w_nat) and finite(w_bndy) and float(w_nat.min()) >= 0 and float(w_bndy.min()) >= 0
     assert finite(frl.eps_multiplier())

@@ -247,15 +247,18 @@ def test_naive_fp16_attack_is_weaker_on_a_confident_model(net_on, digits_splits,
 def validate_report(module, precision: str):
     trainer = make_trainer(precision=precision, limit_val_batches=None)
     trainer.validate(module, DigitsDataModule(seed=0), verbose=False)
-    return module.reports["val"]
+    return module.evaluator.reports["val"]
 
 
 def test_bf16_validation_matches_fp32_per_class(robust_module):
     fp32 = validate_report(robust_module, "32-true")
     bf16 = validate_report(robust_module, "bf16-mixed")
     assert fp32.class_counts == bf16.class_counts and sum(fp32.class_counts) == 270
-    clean32, clean16 = torch.tensor(fp32.clean_acc), torch.tensor(bf16.clean_acc)
-    robust32, robust16 = torch.tensor(fp32.robust_acc), torch.tensor(bf16.robust_acc)
+    clean32, clean16 = (
+        torch.tensor(fp32.attacks["clean"].classwise_acc),
+        torch.tensor(bf16.attacks["clean"].classwise_acc),
+    )
+    robust32, robust16 = torch.tensor(fp32.robust.classwise_acc), torch.tensor(bf16.robust.classwise_acc)
     # the comparison has power: the attack opens a gap far larger than the tolerances
     assert (clean32 - robust32).mean() > 5 * BF16_EVAL_AVG_TOL, (clean32.mean(), robust32.mean())
     for name, a, b in (("clean", clean16, clean32), ("robust", robust16, robust32)):
@@ -284,15 +287,18 @@ def train_and_validate(precision: str):
     )
     trainer.fit(module, DigitsDataModule(batch_size=32, seed=0))
     assert torch.isfinite(trainer.callback_metrics["train/loss_ce"])
-    return module.reports["val"]
+    return module.evaluator.reports["val"]
 
 
 @pytest.mark.slow
 def test_bf16_training_matches_fp32_average_robust_accuracy():
     fp32 = train_and_validate("32-true")
     bf16 = train_and_validate("bf16-mixed")
-    robust32, robust16 = torch.tensor(fp32.robust_acc).mean().item(), torch.tensor(bf16.robust_acc).mean().item()
+    robust32, robust16 = (
+        torch.tensor(fp32.robust.classwise_acc).mean().item(),
+        torch.tensor(bf16.robust.classwise_acc).mean().item(),
+    )
     # both runs learned (two collapsed runs would agree trivially): measured 60.9 % (fp32), 61.3 % (bf16)
     assert min(robust32, robust16) > 0.4, (robust32, robust16)
-    assert torch.tensor(bf16.clean_acc).mean() > 0.8
+    assert torch.tensor(bf16.attacks["clean"].classwise_acc).mean() > 0.8
     assert abs(robust16 - robust32) < BF16_TRAIN_AVG_TOL, (robust16, robust32)

@@ -94,7 +94,7 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
 
 
 def table(results: list[dict], methods: list[str], which: str) -> str:
-    from confspec_lightning.reporting import format_mean_std
+    from confspec_lightning.evaluation.report import format_mean_std
 
     lines = [
         "| method | clean avg | clean worst | PGD-20 avg | PGD-20 worst | PGD-20 spread | ‖C‖₂ (test) "

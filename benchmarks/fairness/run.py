@@ -400,7 +400,7 @@ def attack_columns(results: list[dict]) -> list[str]:
 
 
 def table(results: list[dict], methods: list[str]) -> str:
-    from confspec_lightning.reporting import format_mean_std
+    from confspec_lightning.evaluation.report import format_mean_std
 
     attacks = attack_columns(results)
     titles = {"clean": "clean", "pgd20": "PGD-20", "autoattack": "AutoAttack"}
@@ -431,7 +431,7 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
     progress has more seeds of some methods than of others), ± the standard deviation of the per-seed
     differences when there are several.
     """
-    from confspec_lightning.reporting import format_mean_std
+    from confspec_lightning.evaluation.report import format_mean_std
 
     attack = attack_columns(results)[-1]
 

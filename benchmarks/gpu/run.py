@@ -66,21 +66,28 @@ def confspec(*args: str) -> list[str]:
 def finetune_commands(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
     """TRADES pretraining of PreActResNet-18, then TRADES vs CSR fine-tuning, each fit + test."""
     runs = out / "runs"
+    attacks = "[apgd-ce]" if args.smoke else "[apgd-ce, apgd-t]"
+    overlay = out / "test_attacks.yaml"  # PGD-20, CW-20, AutoAttack APGD-CE + APGD-T (smoke: APGD-CE)
+    overlay.write_text(
+        "model:\n  init_args:\n    test_attacks:\n"
+        "      - class_path: confspec_lightning.attacks.PGD\n      - class_path: confspec_lightning.attacks.CW\n"
+        "      - class_path: confspec_lightning.attacks.AutoAttack\n"
+        f"        init_args: {{version: custom, attacks: {attacks}}}\n"
+    )
     common = [
+        "--config",
+        str(overlay),
         f"--data.init_args.root={args.data}",
         f"--data.init_args.val_per_class={args.val_per_class}",
         f"--data.init_args.test_per_class={args.test_per_class}",
         "--data.init_args.train_eval_per_class=0",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={runs}",
-        "--model.init_args.autoattack_version=custom",
-        "--model.init_args.autoattack_attacks=[apgd-ce,apgd-t]",
     ]
     if args.smoke:  # the same commands with a tiny backbone and budget: seconds on a CPU
         common += [
             "--model.init_args.backbone.class_path=confspec_lightning.models.DigitsCNN",
             "--model.init_args.backbone.init_args={num_classes: 10, in_channels: 3, width: 4}",
-            "--model.init_args.autoattack_attacks=[apgd-ce]",
             "--trainer.accelerator=cpu",
             "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
@@ -194,6 +201,7 @@ def main() -> None:
         throughput = args.out / "throughput.json"
         if args.smoke:
             setup = ["--device", "cpu", "--setups", "smallcnn", "--steps", "1", "--repeats", "1", "--no-compile"]
+            setup += ["--precisions", "32-true"]
             setup += ["--sections", "steps", "--no-memory"]
         else:
             setup = ["--device", "cuda", "--setups", "preact18", "wrn34", "--steps", "5", "--repeats", "2"]

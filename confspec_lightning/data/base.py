@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from confspec_lightning.attacks import check_bool
 from confspec_lightning.data.device import DeviceTensorLoader, distributed_order
+from confspec_lightning.validation import check_bool
 
 
 def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
@@ -356,12 +356,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._loader("test", self.eval_batch_size)
 
     # ------------------------------------------------------- device-side steps
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 -> float in [0, 1]; crop + flip for training batches when ``augment``."""
+    def prepare_batch(self, batch: Any, augment: bool) -> Any:
+        """A batch on its device: uint8 -> float in [0, 1]; crop + flip when ``augment``."""
         x, y = batch
         if not x.is_floating_point():
             x = x.float().div_(255.0)
-        trainer = getattr(self, "trainer", None)
-        if self.augment and trainer is not None and trainer.training:
+        if augment:
             x = random_crop_flip(x, self.crop_padding)
         return x, y
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """:meth:`prepare_batch`, augmenting training batches when ``augment``."""
+        trainer = getattr(self, "trainer", None)
+        return self.prepare_batch(batch, augment=self.augment and trainer is not None and trainer.training)

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from confspec_lightning.attacks import check_choice
 from confspec_lightning.data import archive
 from confspec_lightning.data.base import ClassificationDataModule
+from confspec_lightning.validation import check_choice
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # fmt: off
@@ -34,8 +34,8 @@ CIFAR100_CLASSES = (
 #: File name of the CIFAR-10 JPEG archive (see ``shared/data/README.md``).
 CIFAR10_ARCHIVE = "cifar10_q75_jpeg.npz"
 
-CIFAR10_SOURCES = ("auto", "torchvision", "archive")
-SPLITS = ("train", "test")
+CIFAR10Source = Literal["auto", "torchvision", "archive"]
+Split = Literal["train", "test"]
 
 
 @cache
@@ -184,7 +184,7 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
     def __init__(
         self,
         root: str = "data/cifar10",
-        source: Literal["auto", "torchvision", "archive"] = "auto",
+        source: CIFAR10Source = "auto",
         download: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -193,7 +193,7 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
             download=download,
             **kwargs,
         )
-        check_choice("data.source", source, CIFAR10_SOURCES)
+        check_choice("data.source", source, CIFAR10Source)
         archive_path = self.root if self.root.suffix == ".npz" else self.root / CIFAR10_ARCHIVE
         if source == "auto":
             source = "archive" if archive_path.is_file() else "torchvision"
@@ -227,7 +227,7 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
         return self.source == "torchvision"
 
     def load_split(self, split: str) -> tuple[Tensor, Tensor]:
-        check_choice("split", split, SPLITS)
+        check_choice("split", split, Split)
         if self.archive_path is not None:
             images, labels = archive.decode_archive(self.archive_path, split)
             return self._checked(images, labels, f"{self.archive_path}[{split}]")
@@ -276,5 +276,5 @@ class CIFAR100DataModule(_TorchvisionCIFAR):
         self.class_names = self._torchvision_class_names()
 
     def load_split(self, split: str) -> tuple[Tensor, Tensor]:
-        check_choice("split", split, SPLITS)
+        check_choice("split", split, Split)
         return self._checked(*self._load_torchvision(split), str(self.torchvision_dir))

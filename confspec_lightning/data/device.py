@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from confspec_lightning.attacks import check_int
+from confspec_lightning.validation import check_int
 
 
 def distributed_order(

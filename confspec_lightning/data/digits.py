@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from confspec_lightning.attacks import check_real
 from confspec_lightning.data.base import ClassificationDataModule
+from confspec_lightning.validation import check_real
 
 # Per-channel statistics of all 1797 images scaled to [0, 1] (pixel values / 16).
 DIGITS_MEAN = 0.3053

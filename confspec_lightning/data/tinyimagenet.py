@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from confspec_lightning.attacks import check_choice
 from confspec_lightning.data import archive
 from confspec_lightning.data.base import ClassificationDataModule
+from confspec_lightning.validation import check_choice
 
 #: File names of the Tiny-ImageNet archives (see ``shared/data/README.md``).
 TIN_TRAIN_ARCHIVE = "tin200_train100.npz"
 TIN_VAL_ARCHIVE = "tin200_val.npz"
 
-TIN_SOURCES = ("auto", "folder", "archive")
-SPLITS = ("train", "test")
+Split = Literal["train", "test"]
+TinyImageNetSource = Literal["auto", "folder", "archive"]
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
 FOLDER_FILES = ("wnids.txt", "train", "val/images", "val/val_annotations.txt")
 
@@ -67,13 +67,13 @@ class TinyImageNetDataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str = "data/tiny-imagenet-200",
-        source: Literal["auto", "folder", "archive"] = "auto",
+        source: TinyImageNetSource = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(
             **kwargs,
         )
-        check_choice("data.source", source, TIN_SOURCES)
+        check_choice("data.source", source, TinyImageNetSource)
         self.root = Path(root)
         archives = (self.root / TIN_TRAIN_ARCHIVE, self.root / TIN_VAL_ARCHIVE)
         if source == "auto":
@@ -129,7 +129,7 @@ class TinyImageNetDataModule(ClassificationDataModule):
 
     # ------------------------------------------------------------- splits
     def load_split(self, split: str) -> tuple[Tensor, Tensor]:
-        check_choice("split", split, SPLITS)
+        check_choice("split", split, Split)
         if self.source == "archive":
             path = self.root / (TIN_TRAIN_ARCHIVE if split == "train" else TIN_VAL_ARCHIVE)
             images, labels = archive.decode_archive(path, None)

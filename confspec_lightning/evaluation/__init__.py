@@ -1,20 +1,24 @@
-"""Evaluation building blocks: AutoAttack predictions, per-class reports and comparison tables.
+"""Evaluation: the module's evaluator component, the one per-class result type, reports and comparisons.
 
-* :func:`autoattack_predictions` - the model's predictions on AutoAttack's adversarial examples.
-* :class:`EvaluationReport` - per-class accuracy, average, worst, spread and ||C||_2 of every attack,
-  written as JSON, Markdown and PNG figures.
+* :class:`Evaluator` - validation, test and predict of :class:`~confspec_lightning.RobustFairLitModule`, and
+  the publishing of their results (a Lightning callback the module returns from ``configure_callbacks``).
+* :class:`ClasswiseResult` - the accuracy of every class under one attack (or clean), average, worst,
+  spread, overall, and the robust confusion matrix with what CSR targets.
+* :class:`EvaluationReport` - the results of one split under several attacks: table, JSON, Markdown, PNG.
 * :func:`compare_reports` - one Markdown table comparing several reports (``confspec-compare``).
 """
 
-from confspec_lightning.evaluation.autoattack import AUTOATTACK_ATTACKS, autoattack_predictions
+from confspec_lightning.evaluation.classwise import ClasswiseResult, summarize
 from confspec_lightning.evaluation.compare import compare_reports
-from confspec_lightning.evaluation.report import AttackResult, Divergence, EvaluationReport
+from confspec_lightning.evaluation.evaluator import Evaluator
+from confspec_lightning.evaluation.report import Divergence, EvaluationReport, format_mean_std
 
 __all__ = [
-    "AUTOATTACK_ATTACKS",
-    "AttackResult",
+    "ClasswiseResult",
     "Divergence",
     "EvaluationReport",
-    "autoattack_predictions",
+    "Evaluator",
     "compare_reports",
+    "format_mean_std",
+    "summarize",
 ]

@@ -1,9 +1,10 @@
-"""Per-class evaluation report of one model under several attacks: JSON, Markdown and PNG figures.
+"""Per-class evaluation report of one model on one split under several attacks: table, JSON, Markdown, figures.
 
-Built from per-sample predictions (clean, PGD-20, CW-20, AutoAttack, ...; method.md section 5): for every
-attack the accuracy of each class, the average over classes, the worst class, the spread (best - worst),
-the overall accuracy and, for every attack but ``clean``, the robust confusion matrix C as per-class error
-rates (rows = predicted, columns = true class, zero diagonal) with its spectral norm ||C||_2.
+One report type for validation (clean and the evaluation PGD, every epoch; ``classwise_val.json``) and test
+(clean, PGD-20, CW-20, AutoAttack, ...; ``evaluation/``): for every attack a
+:class:`~confspec_lightning.evaluation.classwise.ClasswiseResult` (the accuracy of each class, the average over
+classes, the worst class, the spread, the overall accuracy and, for every attack but ``clean``, the robust
+confusion matrix C as per-class error rates with what CSR targets: ||C||_2, sigma_1 / sigma_2, ||C||_1, nu).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -22,10 +24,15 @@ import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
+from confspec_lightning.evaluation.classwise import ClasswiseResult, summarize
 from confspec_lightning.io import atomic_write_text
+from confspec_lightning.validation import check_labels
 
 CLEAN = "clean"
-FORMAT = "confspec-evaluation/1"
+FORMAT = "confspec-evaluation/2"
+#: Printed tables with more classes show the TABLE_EXTREMES worst and best ones (by the robust accuracy).
+MAX_TABLE_CLASSES = 20
+TABLE_EXTREMES = 5
 JSON_NAME = "evaluation.json"
 MARKDOWN_NAME = "evaluation.md"
 CLASSWISE_FIGURE = "classwise_accuracy.png"
@@ -80,82 +87,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def summarize(values: Sequence[float]) -> tuple[float, float, int | None, float]:
-    """(average, worst, index of the worst class, spread = best - worst) over the classes with samples.
-
-    NaN entries (classes without samples) are left out; all NaN gives (NaN, NaN, None, NaN).
-    """
-    t = torch.tensor(list(values), dtype=torch.float64)
-    present = ~t.isnan()
-    if not bool(present.any()):
-        return math.nan, math.nan, None, math.nan
-    worst_index = int(torch.where(present, t, torch.inf).argmin())
-    worst = float(t[worst_index])
-    return float(t[present].mean()), worst, worst_index, float(t[present].max()) - worst
-
-
-def classwise_accuracy_from_predictions(pred: Tensor, target: Tensor, num_classes: int) -> list[float]:
-    """Accuracy of every class (K,) from predicted and true labels; NaN for a class without samples."""
+def _accuracy(pred: Tensor, target: Tensor, num_classes: int) -> list[float]:
     errors = CF.confusion_from_predictions(pred.detach().cpu().long(), target.detach().cpu().long(), num_classes)
     return CF.classwise_accuracy(errors, CF.counts_per_class(target.detach().cpu(), num_classes)).tolist()
 
 
-@dataclass
-class AttackResult:
-    """Per-class numbers of one attack (rates in [0, 1]).
+def format_mean_std(values: list[float], *, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
+    """``"mean ± std"`` of ``scale * values`` over runs (e.g. seeds; sample std), the mean alone for one run.
 
-    ``avg`` = mean of ``classwise_acc`` over classes, ``worst`` = its minimum (class ``worst_class``),
-    ``spread`` = best - worst, ``overall`` = accuracy over all samples. ``confusion`` (None for ``clean``)
-    holds per-true-class error rates, so its column sums are the class-wise errors;
-    ``confusion_spectral_norm`` = ||C||_2 = sigma_max(C).
+    ``scale=100`` turns fractions into percent; ``signed`` writes the mean with its sign (differences).
     """
-
-    classwise_acc: list[float]
-    avg: float
-    worst: float
-    worst_class: str | None
-    spread: float
-    overall: float
-    confusion: list[list[float]] | None = None
-    confusion_spectral_norm: float | None = None
-
-    @classmethod
-    def from_predictions(
-        cls, pred: Tensor, target: Tensor, class_names: Sequence[str], with_confusion: bool = True
-    ) -> AttackResult:
-        """Numbers of one attack from its predictions (N,) and the labels (N,)."""
-        k = len(class_names)
-        pred, target = pred.detach().cpu().long(), target.detach().cpu().long()
-        accuracy = classwise_accuracy_from_predictions(pred, target, k)
-        avg, worst, worst_index, spread = summarize(accuracy)
-        confusion = norm = None
-        if with_confusion:
-            rates = CF.confusion_from_predictions(pred, target, k, normalize=True).double()
-            confusion, norm = rates.tolist(), float(CF.spectral_norm(rates))
-        return cls(
-            classwise_acc=accuracy,
-            avg=avg,
-            worst=worst,
-            worst_class=None if worst_index is None else class_names[worst_index],
-            spread=spread,
-            overall=float((pred == target).double().mean()) if target.numel() else math.nan,
-            confusion=confusion,
-            confusion_spectral_norm=norm,
-        )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AttackResult:
-        """Inverse of ``to_dict`` (null -> NaN)."""
-        return cls(
-            classwise_acc=_floats(data["classwise_acc"]),
-            avg=_float(data["avg"]),
-            worst=_float(data["worst"]),
-            worst_class=data.get("worst_class"),
-            spread=_float(data["spread"]),
-            overall=_float(data["overall"]),
-            confusion=data.get("confusion"),
-            confusion_spectral_norm=data.get("confusion_spectral_norm"),
-        )
+    scaled = [scale * v for v in values]
+    mean = round(statistics.mean(scaled), digits) + 0.0  # + 0.0: a mean that rounds to zero is not "-0.00"
+    text = f"{mean:{'+' if signed else ''}.{digits}f}"
+    if len(scaled) > 1:
+        text += f" ± {statistics.stdev(scaled):.{digits}f}"
+    return text
 
 
 @dataclass
@@ -203,8 +150,8 @@ class Divergence:
         """From robust predictions and labels on the train subset and on the test split."""
         return cls.from_accuracies(
             attack,
-            classwise_accuracy_from_predictions(train_pred, train_target, num_classes),
-            classwise_accuracy_from_predictions(test_pred, test_target, num_classes),
+            _accuracy(train_pred, train_target, num_classes),
+            _accuracy(test_pred, test_target, num_classes),
             train_size=int(train_target.numel()),
         )
 
@@ -232,18 +179,26 @@ class Divergence:
 
 @dataclass
 class EvaluationReport:
-    """Per-class evaluation of one model under several attacks (method.md section 5).
+    """Per-class evaluation of one model on one split under several attacks (``docs/method.md``, "Evaluation").
 
-    ``attacks`` maps an attack name to its :class:`AttackResult`, in the order given, weakest first: the
+    ``attacks`` maps an attack name to its :class:`ClasswiseResult`, in the order given, weakest first: the
     last attack other than ``clean`` is taken as the strongest (its confusion matrix is plotted).
+    ``robust_attack`` names the evaluation PGD (the ``robust_acc`` of logged scalars and of the printed table);
+    ``history`` (validation during fit) holds one entry per evaluated epoch with the diagnostics of this split's
+    robust confusion and of the training set's.
     """
 
     name: str
     class_names: list[str]
     class_counts: list[int]
-    attacks: dict[str, AttackResult]
+    attacks: dict[str, ClasswiseResult]
     settings: dict[str, Any] = field(default_factory=dict)
     divergence: Divergence | None = None
+    stage: str = "test"
+    epoch: int | None = None
+    robust_attack: str | None = None
+    description: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_predictions(
@@ -254,6 +209,7 @@ class EvaluationReport:
         predictions: Mapping[str, Tensor],
         settings: Mapping[str, Any] | None = None,
         divergence: Divergence | None = None,
+        **fields: Any,
     ) -> EvaluationReport:
         """Build the report from the labels (N,) and, per attack, the predicted classes (N,).
 
@@ -265,6 +221,7 @@ class EvaluationReport:
                 predicted classes, weakest attack first.
             settings: free-form description of the evaluation (threat model, checkpoint, ...), kept as is.
             divergence: optional train/test divergence (:class:`Divergence`).
+            **fields: ``stage``, ``epoch``, ``robust_attack``, ``description``.
         """
         k = len(class_names)
         if k < 2:
@@ -274,13 +231,13 @@ class EvaluationReport:
         target = target.detach().cpu().long()
         if target.ndim != 1:
             raise ValueError(f"target must be a 1-D tensor of labels; got shape {tuple(target.shape)}.")
-        _check_labels("target", target, k)
+        check_labels("target", target, k)
         if divergence is not None and not len(divergence.train_acc) == len(divergence.test_acc) == k:
             raise ValueError(
                 f"divergence has {len(divergence.train_acc)} train / {len(divergence.test_acc)} test accuracies; "
                 f"it needs one per class ({k})."
             )
-        results: dict[str, AttackResult] = {}
+        results: dict[str, ClasswiseResult] = {}
         for attack, pred in predictions.items():
             pred = pred.detach().cpu().long()
             if pred.shape != target.shape:
@@ -288,8 +245,10 @@ class EvaluationReport:
                     f"predictions[{attack!r}] must have shape {tuple(target.shape)} like target; "
                     f"got {tuple(pred.shape)}."
                 )
-            _check_labels(f"predictions[{attack!r}]", pred, k)
-            results[attack] = AttackResult.from_predictions(pred, target, class_names, with_confusion=attack != CLEAN)
+            check_labels(f"predictions[{attack!r}]", pred, k)
+            results[attack] = ClasswiseResult.from_predictions(
+                pred, target, class_names, with_confusion=attack != CLEAN
+            )
         return cls(
             name=name,
             class_names=list(class_names),
@@ -297,6 +256,7 @@ class EvaluationReport:
             attacks=results,
             settings=dict(settings or {}),
             divergence=divergence,
+            **fields,
         )
 
     @property
@@ -305,6 +265,96 @@ class EvaluationReport:
         robust = [attack for attack in self.attacks if attack != CLEAN]
         return robust[-1] if robust else None
 
+    @property
+    def robust(self) -> ClasswiseResult | None:
+        """The result of the evaluation PGD (``robust_attack``), else of the strongest attack."""
+        key = self.robust_attack if self.robust_attack in self.attacks else self.strongest_attack
+        return None if key is None else self.attacks[key]
+
+    # ------------------------------------------------------------- logging
+    def scalars(self) -> dict[str, float]:
+        """Headline numbers named ``<stage>/<metric>`` (the names logged to TensorBoard).
+
+        ``clean_acc``, ``robust_acc`` (the evaluation PGD) with ``_worst`` and ``_spread``, the robust confusion's
+        ``confusion_spectral_norm``, ``confusion_sigma_2``, ``confusion_sigma_ratio``, ``confusion_l1_norm`` and
+        ``confusion_nu``, and ``<attack>_acc`` / ``<attack>_acc_worst`` of every other attack.
+        """
+        out: dict[str, float] = {}
+        robust_key = self.robust_attack if self.robust_attack in self.attacks else self.strongest_attack
+        for attack, result in self.attacks.items():
+            kind = "clean_acc" if attack == CLEAN else "robust_acc" if attack == robust_key else f"{attack}_acc"
+            out[f"{self.stage}/{kind}"] = result.avg
+            out[f"{self.stage}/{kind}_worst"] = result.worst
+            if kind in ("clean_acc", "robust_acc"):
+                out[f"{self.stage}/{kind}_spread"] = result.spread
+        robust = self.robust
+        if robust is not None and robust.diagnostics:
+            out[f"{self.stage}/confusion_spectral_norm"] = robust.confusion_spectral_norm
+            for key in ("sigma_2", "sigma_ratio", "l1_norm", "nu"):
+                out[f"{self.stage}/confusion_{key}"] = robust.diagnostics[key]
+        return out
+
+    def classwise_scalars(self) -> dict[str, float]:
+        """Per-class accuracies named ``<stage>/<kind>_class/<name>`` (clean and the evaluation PGD)."""
+        out: dict[str, float] = {}
+        pairs = [("clean_acc", self.attacks.get(CLEAN)), ("robust_acc", self.robust)]
+        for kind, result in pairs:
+            if result is None:
+                continue
+            for name, value in zip(self.class_names, result.classwise_acc, strict=True):
+                out[f"{self.stage}/{kind}_class/{name}"] = value
+        return out
+
+    def format_table(self) -> str:
+        """A plain-text per-class table (one column per attack) with average, worst class, spread, ||C||_2.
+
+        With more than :data:`MAX_TABLE_CLASSES` classes only the worst and best :data:`TABLE_EXTREMES` (by the
+        robust accuracy) are shown; the JSON holds them all.
+        """
+        width = max([5, *(len(n) for n in self.class_names)])
+        attacks = list(self.attacks)
+        cell = max(9, *(len(a) + 2 for a in attacks))
+        epoch = "" if self.epoch is None else f", epoch {self.epoch}"
+        robust = f"; robust = {self.description}" if self.description else ""
+        lines = [
+            f"Per-class accuracy ({self.stage} split{epoch}{robust})",
+            f"{'class':<{width}}  {'n':>5}  " + "  ".join(f"{a + ' %':>{cell}}" for a in attacks),
+        ]
+        sort_by = self.robust or next(iter(self.attacks.values()))
+        shown: list[int | None] = list(range(len(self.class_names)))
+        if len(shown) > MAX_TABLE_CLASSES:
+            order = sorted(shown, key=lambda i: (math.isnan(sort_by.classwise_acc[i]), sort_by.classwise_acc[i]))
+            shown = [*order[:TABLE_EXTREMES], None, *order[-TABLE_EXTREMES:]]
+        for index in shown:
+            if index is None:
+                hidden = len(self.class_names) - 2 * TABLE_EXTREMES
+                lines.append(f"{'...':<{width}}  ({hidden} classes not shown; all in the JSON)")
+                continue
+            values = "  ".join(f"{_pct(self.attacks[a].classwise_acc[index]):>{cell}}" for a in attacks)
+            lines.append(f"{self.class_names[index]:<{width}}  {self.class_counts[index]:>5}  {values}")
+        lines.append("-" * (width + 9 + (cell + 2) * len(attacks)))
+        for label, key in (("avg", "avg"), ("worst", "worst"), ("spread", "spread")):
+            values = "  ".join(f"{_pct(getattr(self.attacks[a], key)):>{cell}}" for a in attacks)
+            lines.append(f"{label:<{width}}  {'':>5}  {values}")
+        worst = ", ".join(f"{a}: class {r.worst_class}" for a, r in self.attacks.items() if r.worst_class is not None)
+        if worst:
+            lines.append(f"worst classes: {worst}")
+        result = self.robust
+        if result is not None and result.diagnostics:
+            d = result.diagnostics
+            lines += [
+                f"||C||_2 of the robust confusion matrix (per-class error rates): {result.confusion_spectral_norm:.4f}",
+                f"||C||_1 (worst-class robust error) {d['l1_norm']:.4f}, sigma_1 / sigma_2 {d['sigma_ratio']:.3f}, "
+                f"nu = ||C||_1 / ||C||_2 {d['nu']:.3f}",
+            ]
+        if self.divergence is not None:
+            train_avg, _, _, _ = summarize(self.divergence.train_acc)
+            lines.append(
+                f"Kendall tau of per-class robust accuracy, train subset vs {self.stage}: "
+                f"{self.divergence.describe_tau()} (train subset robust avg {100 * train_avg:.2f} %)"
+            )
+        return "\n".join(lines)
+
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; undefined numbers (NaN, e.g. the accuracy of a class without samples) become null."""
@@ -312,27 +362,38 @@ class EvaluationReport:
             {
                 "format": FORMAT,
                 "name": self.name,
+                "stage": self.stage,
+                "epoch": self.epoch,
                 "class_names": self.class_names,
                 "class_counts": self.class_counts,
+                "robust_attack": self.robust_attack,
+                "description": self.description,
                 "attacks": {attack: asdict(result) for attack, result in self.attacks.items()},
+                "summary": {k.split("/", 1)[1]: v for k, v in self.scalars().items()},
                 "divergence": None if self.divergence is None else asdict(self.divergence),
                 "settings": self.settings,
+                "history": self.history,
             }
         )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationReport:
-        """Inverse of :meth:`to_dict` (null -> NaN for undefined numbers)."""
-        if data.get("format") != FORMAT:
+        """Inverse of :meth:`to_dict` (null -> NaN for undefined numbers); reads format 1 reports too."""
+        if data.get("format") not in (FORMAT, "confspec-evaluation/1"):
             raise ValueError(f"format={data.get('format')!r} is not accepted; expected {FORMAT!r}.")
         divergence = data.get("divergence")
         return cls(
             name=data["name"],
             class_names=list(data["class_names"]),
             class_counts=list(data["class_counts"]),
-            attacks={attack: AttackResult.from_dict(result) for attack, result in data["attacks"].items()},
+            attacks={attack: ClasswiseResult.from_dict(result) for attack, result in data["attacks"].items()},
             settings=dict(data.get("settings") or {}),
             divergence=None if divergence is None else Divergence.from_dict(divergence),
+            stage=data.get("stage", "test"),
+            epoch=data.get("epoch"),
+            robust_attack=data.get("robust_attack"),
+            description=data.get("description", ""),
+            history=list(data.get("history") or []),
         )
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
@@ -342,13 +403,8 @@ class EvaluationReport:
     @classmethod
     def load_json(cls, path: str | os.PathLike[str]) -> EvaluationReport:
         """Read a report written by :meth:`write_json`."""
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (KeyError, TypeError, ValueError) as error:
-            message = f"{os.fspath(path)!r} is not an evaluation report written by write_json: {error}"
-            raise ValueError(message) from error
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
-    # ---------------------------------------------------------------- Markdown
     def to_markdown(self, figures: Mapping[str, str] | None = None) -> str:
         """The report as Markdown (percentages with 2 decimals).
 
@@ -447,14 +503,6 @@ class EvaluationReport:
         written["markdown"] = directory / MARKDOWN_NAME
         atomic_write_text(written["markdown"], self.to_markdown(figures))
         return written
-
-
-def _check_labels(name: str, labels: Tensor, num_classes: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"{name} holds labels in [{int(labels.min())}, {int(labels.max())}]; "
-            f"they must lie in [0, {num_classes - 1}] (one per class name)."
-        )
 
 
 def _save_figure(fig: Any, path: Path) -> Path:

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import AttackConfig, check_bool, check_int, check_real
+from confspec_lightning.attacks import AttackConfig
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_accuracy
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
+from confspec_lightning.validation import check_bool, check_int, check_real
 
 
 def cfa_class_eps(robust_acc: Tensor, eps: float, base: float = 0.5) -> Tensor:
@@ -165,8 +166,9 @@ class CFA(FairnessMethod):
         if not self.weight_average:
             return {}
         attack = replace(context.attack, steps=self.average_eval_steps)
-        stats = classwise_accuracy(context.model, context.validation_batches(), attack, self.num_classes)
-        worst = stats.robust_acc.min()
+        _, robust = classwise_accuracy(context.model, context.validation_batches(), attack, self.num_classes)
+        # a class without validation samples does not hold the average back
+        worst = robust.accuracy(empty=1.0).min().to(self.train_robust_acc.device)
         accepted = bool(worst >= self.average_threshold)
         if accepted:
             current = context.model.state_dict()

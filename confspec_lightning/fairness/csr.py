@@ -40,17 +40,16 @@ import torch
 from torch import Tensor, nn
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import check_bool, check_choice, check_real, eval_mode
+from confspec_lightning.attacks import eval_mode
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import sum_across_ranks, world_size
-from confspec_lightning.functional import MARGINS, SURROGATES, Margin, Surrogate
+from confspec_lightning.functional import Margin, Surrogate
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
+from confspec_lightning.validation import check_bool, check_choice, check_real
 
 Form = Literal["code", "paper"]
-FORMS: tuple[str, ...] = ("code", "paper")
 ConfusionSource = Literal["epoch_pass", "streaming", "batch", "ema"]
-CONFUSION_SOURCES: tuple[str, ...] = ("epoch_pass", "streaming", "batch", "ema")
 #: Sources whose matrix is built anew every step from the (global) batch.
 PER_STEP_SOURCES: tuple[str, ...] = ("batch", "ema")
 
@@ -121,7 +120,7 @@ class CSR(FairnessMethod):
         check_real("csr.alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (code default 0.3)")
         check_real("csr.gamma", gamma, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.0)")
         check_real("csr.ema_decay", ema_decay, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.9)")
-        check_choice("csr.form", form, FORMS)
+        check_choice("csr.form", form, Form)
         given = {
             "surrogate": surrogate,
             "margin": margin,
@@ -133,9 +132,9 @@ class CSR(FairnessMethod):
         options = {key: FORM_DEFAULTS[form][key] if value is None else value for key, value in given.items()}
         for key in ("include_diagonal", "rescale", "normalize"):
             check_bool(f"csr.{key}", options[key])
-        check_choice("csr.surrogate", options["surrogate"], SURROGATES)
-        check_choice("csr.margin", options["margin"], MARGINS)
-        check_choice("csr.confusion_source", options["confusion_source"], CONFUSION_SOURCES)
+        check_choice("csr.surrogate", options["surrogate"], Surrogate)
+        check_choice("csr.margin", options["margin"], Margin)
+        check_choice("csr.confusion_source", options["confusion_source"], ConfusionSource)
         if form == "paper" and options["surrogate"] == "counts":
             raise ValueError(
                 "csr.surrogate='counts' is not accepted with csr.form='paper': hard counts have no gradient, so "

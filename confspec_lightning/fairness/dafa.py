@@ -25,10 +25,11 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, check_int, check_real, eval_mode
+from confspec_lightning.attacks import AttackConfig, eval_mode
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.metrics import ClassProbabilityMatrix
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
+from confspec_lightning.validation import check_int, check_real
 
 
 def dafa_weights(probabilities: Tensor, lam: float = 1.0) -> Tensor:

@@ -20,10 +20,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import check_int, check_real
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_sum, sum_across_ranks
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
+from confspec_lightning.validation import check_int, check_real
 
 
 def probability_margins(logits: Tensor, target: Tensor) -> Tensor:

@@ -22,13 +22,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig, check_choice, check_int, check_real
+from confspec_lightning.attacks import AttackConfig
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_accuracy, sum_across_ranks
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
+from confspec_lightning.validation import check_choice, check_int, check_real
 
 FRLMode = Literal["reweight", "reweight_remargin"]
-FRL_MODES: tuple[str, ...] = ("reweight", "reweight_remargin")
 #: tau of the paper's settings: 0.1 for reweight, 0.07 for reweight + remargin.
 DEFAULT_TAU = {"reweight": 0.1, "reweight_remargin": 0.07}
 
@@ -108,7 +108,7 @@ class FRL(FairnessMethod):
         eval_steps: int = 20,
     ) -> None:
         super().__init__()
-        check_choice("frl.mode", mode, FRL_MODES)
+        check_choice("frl.mode", mode, FRLMode)
         if tau is not None:
             check_real("frl.tau", tau, lambda v: True, "or null (paper: 0.1 for reweight, 0.07 for reweight_remargin)")
         for name, value in (
@@ -175,11 +175,14 @@ class FRL(FairnessMethod):
     def on_train_epoch_start(self, context: EpochContext) -> dict[str, Tensor]:
         """Measure clean and boundary errors per class on the validation split; update the multipliers."""
         attack = replace(context.attack, steps=self.eval_steps)
-        stats = classwise_accuracy(context.model, context.validation_batches(), attack, self.num_classes)
-        self.update_multipliers(stats.clean_acc, stats.robust_acc, context.epoch)
+        clean, robust = classwise_accuracy(context.model, context.validation_batches(), attack, self.num_classes)
+        # a class without validation samples counts as error-free (no violation)
+        device = self.multiplier_nat.device
+        clean_acc, robust_acc = clean.accuracy(empty=1.0).to(device), robust.accuracy(empty=1.0).to(device)
+        self.update_multipliers(clean_acc, robust_acc, context.epoch)
         return {
-            "frl/val_clean_error_worst": (1.0 - stats.clean_acc).max(),
-            "frl/val_boundary_error_worst": (stats.clean_acc - stats.robust_acc).max(),
+            "frl/val_clean_error_worst": (1.0 - clean_acc).max(),
+            "frl/val_boundary_error_worst": (clean_acc - robust_acc).max(),
         }
 
     def class_weights(self) -> tuple[Tensor, Tensor]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from confspec_lightning.attacks import AttackConfig, eval_mode
+from confspec_lightning.evaluation.classwise import ClasswiseResult
 from confspec_lightning.objectives import BaseObjective
 
 
@@ -39,25 +39,6 @@ def classwise_sum(values: Tensor, target: Tensor, num_classes: int) -> Tensor:
     return out.index_add_(0, target, values.detach().to(torch.float64))
 
 
-@dataclass
-class ClasswiseAccuracy:
-    """Per-class counts of a clean + adversarial evaluation, summed over ranks (float64 (K,) each)."""
-
-    clean_correct: Tensor
-    robust_correct: Tensor
-    counts: Tensor
-
-    @property
-    def clean_acc(self) -> Tensor:
-        """Per-class clean accuracy; classes without samples count as 1 (no error to correct)."""
-        return torch.where(self.counts > 0, self.clean_correct / self.counts.clamp(min=1), 1.0)
-
-    @property
-    def robust_acc(self) -> Tensor:
-        """Per-class robust accuracy; classes without samples count as 1."""
-        return torch.where(self.counts > 0, self.robust_correct / self.counts.clamp(min=1), 1.0)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -70,8 +51,13 @@ def _check_nonempty(counts: Tensor, what: str) -> None:
 
 def classwise_accuracy(
     model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], attack: AttackConfig, num_classes: int
-) -> ClasswiseAccuracy:
-    """Clean and PGD (CE, ``attack``) accuracy per class over ``batches``, summed over ranks (eval mode)."""
+) -> tuple[ClasswiseResult, ClasswiseResult]:
+    """Clean and PGD (CE, ``attack``) accuracy per class over ``batches``, summed over ranks (eval mode).
+
+    Returns:
+        ``(clean, robust)``; a class without samples has accuracy NaN (the one empty-class policy: the caller
+        says what it counts as, e.g. ``result.accuracy(empty=1.0)``).
+    """
     sums = torch.zeros(3, num_classes, dtype=torch.float64, device=_model_device(model))
     for x, y in batches:
         x_adv = attack.perturb(model, x, y, "ce")
@@ -83,7 +69,8 @@ def classwise_accuracy(
         sums[2] += classwise_sum(torch.ones_like(clean), y, num_classes)
     sums = sum_across_ranks(sums)
     _check_nonempty(sums[2], "validation split")
-    return ClasswiseAccuracy(sums[0], sums[1], sums[2])
+    names = [str(c) for c in range(num_classes)]
+    return ClasswiseResult.from_counts(sums[0], sums[2], names), ClasswiseResult.from_counts(sums[1], sums[2], names)
 
 
 def classwise_objective_loss(

@@ -17,10 +17,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import check_real
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_objective_loss
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
+from confspec_lightning.validation import check_real
 
 
 def wat_weights(cumulative_loss: Tensor, eta: float = 0.1) -> Tensor:

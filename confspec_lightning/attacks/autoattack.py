@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -18,11 +19,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import NORMS, check_choice, eval_mode, grad_enabled
+from confspec_lightning.attacks.base import Attack
+from confspec_lightning.attacks.config import AttackConfig, Norm, eval_mode, grad_enabled
+from confspec_lightning.validation import check_choice, check_int, check_real
 
 AutoAttackVersion = Literal["standard", "custom"]
-AUTOATTACK_VERSIONS: tuple[str, ...] = ("standard", "custom")
-AUTOATTACK_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+AutoAttackPart = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"]
 _PYAUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 _LOGGER_NAME = "auto-attack"  # the logger every pyautoattack component writes to
 
@@ -105,18 +107,18 @@ def _keep_trace() -> Iterator[None]:
 
 def check_autoattack_options(version: str, attacks: list[str] | None) -> None:
     """Raise a ``ValueError`` naming the bad value unless ``version``/``attacks`` form a valid AutoAttack choice."""
-    check_choice("autoattack version", version, AUTOATTACK_VERSIONS)
+    check_choice("autoattack.version", version, AutoAttackVersion)
     if version == "custom":
         if not attacks:
             raise ValueError(
-                f"attacks={attacks!r} is not accepted with version='custom'; give a non-empty list of "
-                f"{', '.join(map(repr, AUTOATTACK_ATTACKS))}."
+                f"autoattack.attacks={attacks!r} is not accepted with version='custom'; give a non-empty list of "
+                f"{', '.join(map(repr, typing.get_args(AutoAttackPart)))}."
             )
         for attack in attacks:
-            check_choice("attacks[]", attack, AUTOATTACK_ATTACKS)
+            check_choice("autoattack.attacks[]", attack, AutoAttackPart)
     elif attacks is not None:
         raise ValueError(
-            f"attacks={attacks!r} is not accepted with version={version!r}, which fixes its own attacks; "
+            f"autoattack.attacks={attacks!r} is not accepted with version={version!r}, which fixes its own attacks; "
             "use version='custom' to choose them."
         )
 
@@ -126,7 +128,7 @@ def autoattack_predictions(
     x: Tensor,
     y: Tensor,
     *,
-    norm: Literal["linf", "l2"],
+    norm: Norm,
     eps: float,
     version: AutoAttackVersion = "standard",
     attacks: list[str] | None = None,
@@ -161,16 +163,14 @@ def autoattack_predictions(
     Returns:
         int64 predictions (B,) on the device of ``x``.
     """
-    check_choice("norm", norm, NORMS)
+    check_choice("norm", norm, Norm)
     check_autoattack_options(version, attacks)
     if x.ndim != 4:
         raise ValueError(f"x must be a batch of images (B, C, H, W) in [0, 1]; got shape {tuple(x.shape)}.")
     if y.shape != x.shape[:1]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x; got {tuple(y.shape)}.")
-    if not eps > 0:
-        raise ValueError(f"eps={eps!r} is not accepted; it must be > 0 (pixel units, e.g. 8/255).")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not accepted; it must be an integer >= 1.")
+    check_real("eps", eps, lambda v: v > 0, "> 0 (pixel units, e.g. 8/255)")
+    check_int("batch_size", batch_size, 1)
 
     from pyautoattack import AutoAttack  # imported on first use: it is slow to import
 
@@ -190,3 +190,37 @@ def autoattack_predictions(
         )
         _, predictions = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     return predictions.detach().to(dtype=torch.long)
+
+
+class AutoAttack(Attack):
+    """AutoAttack (pyautoattack) with the threat model's norm and eps, seeded per test batch.
+
+    Args:
+        version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square: the headline robustness number) or ``"custom"``.
+        attacks: the parts of the ``"custom"`` version, run in order (e.g. ``["apgd-ce", "apgd-t"]``).
+    """
+
+    name = "autoattack"
+
+    def __init__(self, version: AutoAttackVersion = "standard", attacks: list[AutoAttackPart] | None = None) -> None:
+        check_autoattack_options(version, attacks)
+        self.version = version
+        self.attacks = list(attacks) if attacks is not None else None
+
+    def describe(self) -> str:
+        """E.g. ``standard`` or ``custom ['apgd-ce', 'apgd-t']`` (for report settings)."""
+        return f"{self.version} {self.attacks or ''}".strip()
+
+    def predictions(self, model, x, target, *, threat: AttackConfig, generator=None, seed=0, progress=None) -> Tensor:
+        return autoattack_predictions(
+            model,
+            x,
+            target,
+            norm=threat.norm,
+            eps=threat.eps,
+            version=self.version,
+            attacks=self.attacks,
+            batch_size=x.shape[0],
+            seed=seed,
+            progress=progress,
+        )

@@ -1,0 +1,119 @@
+"""Threat models (``AttackConfig``) and the two contexts every attack runs in (eval mode, autograd on)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from confspec_lightning.validation import check_bool, check_choice, check_int, check_real
+
+Norm = Literal["linf", "l2"]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """A PGD threat model and budget (pixel units: inputs live in [0, 1]).
+
+    Args:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: radius of the perturbation ball (> 0), e.g. 8/255 for l_inf, 0.5 for l_2 (l_inf: at most 1).
+        step: step size of each PGD iteration (> 0), e.g. 2/255.
+        steps: number of PGD iterations (>= 1).
+        random_start: start from a random point (the objective's start: uniform in the ball for ``ce`` and
+            ``cw``, x + 0.001 N(0, 1) for ``trades_kl``); ``False`` starts at x (deterministic attacks).
+    """
+
+    #: how errors name the config (subclasses: the module argument they are the type of)
+    field_name: ClassVar[str] = "attack"
+
+    norm: Norm = "linf"
+    eps: float = 8 / 255
+    step: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        name = self.field_name
+        check_choice(f"{name}.norm", self.norm, Norm)
+        check_real(f"{name}.eps", self.eps, lambda v: v > 0, "> 0 (pixel units, e.g. 8/255)")
+        if self.norm == "linf":
+            check_real(
+                f"{name}.eps", self.eps, lambda v: v <= 1, "in (0, 1] for linf (pixels lie in [0, 1]; e.g. 8/255)"
+            )
+        check_real(f"{name}.step", self.step, lambda v: v > 0, "> 0 (e.g. 2/255)")
+        check_int(f"{name}.steps", self.steps, 1)
+        check_bool(f"{name}.random_start", self.random_start)
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        objective: object = "ce",
+        *,
+        eps: float | torch.Tensor | None = None,
+        step: float | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """:func:`~confspec_lightning.attacks.pgd` with this threat model; ``eps``/``step`` (per-sample) override it."""
+        from confspec_lightning.attacks.pgd import pgd
+
+        return pgd(
+            model,
+            x,
+            target,
+            eps=self.eps if eps is None else eps,
+            step=self.step if step is None else step,
+            steps=self.steps,
+            norm=self.norm,
+            objective=objective,  # type: ignore[arg-type]
+            random_start=self.random_start,
+            generator=generator,
+        )
+
+    def describe(self, name: str = "PGD") -> str:
+        """E.g. ``PGD-20 linf eps=0.0314 step=0.0078``."""
+        return f"{name}-{self.steps} {self.norm} eps={self.eps:.4f} step={self.step:.4f}"
+
+
+@dataclass(frozen=True)
+class TrainAttackConfig(AttackConfig):
+    """The training attack's threat model (``RobustFairLitModule(train_attack=...)``; errors name ``train_attack``)."""
+
+    field_name: ClassVar[str] = "train_attack"
+
+
+@dataclass(frozen=True)
+class EvalAttackConfig(AttackConfig):
+    """The evaluation PGD's threat model, PGD-20 by default (errors name ``eval_attack``)."""
+
+    field_name: ClassVar[str] = "eval_attack"
+    steps: int = 20
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own ``training`` flag afterwards.
+
+    A blanket ``model.train()`` afterwards would unfreeze submodules the user froze on purpose
+    (e.g. BatchNorm layers of a fine-tuned backbone); this restores them one by one.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Enable autograd even inside ``torch.inference_mode()`` or ``torch.no_grad()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
