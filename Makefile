@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check confspec_lightning tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 bench-digits: $(STAMP)
 	$(BIN)/python benchmarks/digits/run.py

@@ -76,8 +76,13 @@ def summarize_parse_error(message: str, top_level_keys: list[str] = ()) -> str:
     keys: list[str] = []
     class_paths: list[str] = []
     reasons: list[str] = []
+    given: str | None = None
     for line in lines:
         text = line.removeprefix("- ").strip()
+        if match := re.match(r"Given value: (.*)$", text):
+            value = match.group(1)
+            if len(value) < 80 and not value.startswith(("Namespace(", "NestedArg(", "{", "[")):
+                given = value
         if match := re.match(r'Parser key "([^"]+)"', text):
             keys.append(match.group(1))
         if match := re.match(r"Problem with given class_path '([^']+)'", text):
@@ -91,7 +96,11 @@ def summarize_parse_error(message: str, top_level_keys: list[str] = ()) -> str:
         where = "in " + ".".join(dict.fromkeys(keys))
     if class_paths:
         where = (where + " " if where else "in ") + f"({class_paths[-1]})"
-    if match := re.search(r"Option '([^']+)' is not accepted", reason):
+    if match := re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", reason):
+        reason = f"{match.group(2)!r} is not accepted; choose one of {match.group(1)}"
+    elif (match := re.match(r"Expected a typing\.Literal\[(.*)\]$", reason)) and given is not None:
+        reason = f"{given!r} is not accepted; choose one of {match.group(1)}"
+    elif match := re.search(r"Option '([^']+)' is not accepted", reason):
         reason = f"option {match.group(1)!r} is not accepted" + _did_you_mean(
             closest(match.group(1), _parameters(class_paths[-1]) if class_paths else [])
         )

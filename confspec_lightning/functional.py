@@ -1,7 +1,7 @@
 """Functional core of the confusional spectral regulariser (CSR).
 
 Jin, Wu, Liu, Huang, Mu, "Enhancing Robust Fairness via Confusional Spectral Regularization",
-ICLR 2025 (arXiv 2501.13273); the behaviour follows the project's ``method.md`` sections 1-3.
+ICLR 2025 (arXiv 2501.13273); the behaviour follows ``docs/method.md`` §1-2.
 
 * :func:`robust_confusion_matrix` - C (K x K), rows = predicted, columns = true class, zero diagonal
   (:func:`confusion_from_predictions` builds the same C from predicted labels).
@@ -116,7 +116,7 @@ def robust_confusion_matrix(
     C[i, j] (i != j) = number of class-j samples predicted as i (after the margin, see
     :func:`margin_predictions`); C[j, j] = 0. With ``normalize`` each column is divided by the
     number of class-j samples, so column sums are the class-wise error rates and ||C||_1 is the
-    worst-class error (method.md section 1).
+    worst-class error (docs/method.md §1).
 
     Returns:
         float32 tensor (K, K).
@@ -129,7 +129,7 @@ def robust_confusion_matrix(
 def confusion_from_predictions(pred: Tensor, target: Tensor, num_classes: int, normalize: bool = False) -> Tensor:
     """Robust confusion matrix C from predicted labels (e.g. predictions on adversarial inputs).
 
-    C[i, j] (i != j) = number of class-j samples predicted as i, C[j, j] = 0 (method.md section 1); with
+    C[i, j] (i != j) = number of class-j samples predicted as i, C[j, j] = 0 (docs/method.md §1); with
     ``normalize`` each column is divided by the number of class-j samples (per-class error rates).
 
     Args:
@@ -243,7 +243,7 @@ def direction_from_singular_vectors(u: Tensor, v: Tensor, rescale: bool = True) 
 
 
 def csr_weights(direction: Tensor, adv_logits: Tensor, target: Tensor, include_diagonal: bool = True) -> Tensor:
-    """Per-sample CSR weights w_k = G[yhat_k, y_k], yhat_k = argmax f(x_adv_k) (method.md section 3).
+    """Per-sample CSR weights w_k = G[yhat_k, y_k], yhat_k = argmax f(x_adv_k) (docs/method.md §2).
 
     With ``include_diagonal=False`` (paper form) correctly classified samples get weight 0; with
     ``True`` (authors' code) they get G[y_k, y_k].

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from confspec_lightning.data.digits import DigitsDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared test modules (helpers, archives)
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -37,3 +38,18 @@ def chdir_tmp(tmp_path, monkeypatch):
     """Every test runs in its own temporary directory: nothing is written into the repository."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def trained_model(tiny_model, digits_batch):
+    """The tiny CNN fitted to the 64 digits images (clean accuracy 100%): attacks have something to break."""
+    x, y = digits_batch
+    optimizer = torch.optim.Adam(tiny_model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = F.cross_entropy(tiny_model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tiny_model.zero_grad(set_to_none=True)
+    tiny_model.eval()
+    return tiny_model

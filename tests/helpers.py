@@ -1,8 +1,12 @@
-"""Shared builders for tests that use a real Lightning Trainer."""
+"""Shared builders for tests: a module and a Trainer, objective outputs, real ``confspec`` processes, paths."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,7 +15,10 @@ import torch
 from confspec_lightning import CSR, AttackConfig, RobustFairLitModule
 from confspec_lightning.data import DigitsDataModule
 from confspec_lightning.models import DigitsCNN
+from confspec_lightning.objectives import ObjectiveOutput
 
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 QUICK_ATTACK = AttackConfig(eps=0.1, step=0.04, steps=3)
 
 
@@ -68,3 +75,49 @@ class CleanTrainingModule(RobustFairLitModule):
     def generate_adversarial(self, x, target):
         CleanTrainingModule.calls += 1
         return x
+
+
+def trades_output(batch: int = 6, classes: int = 3, seed: int = 0) -> tuple[ObjectiveOutput, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.arange(batch) % classes
+    ce = torch.rand(batch, generator=gen) + 0.1
+    kl = torch.rand(batch, generator=gen) + 0.1
+    adv_logits = torch.randn(batch, classes, generator=gen)
+    output = ObjectiveOutput(
+        terms={"ce": ce, "kl": kl}, coefficients={"ce": 1.0, "kl": 6.0}, adv_logits=adv_logits, adv_ce=ce
+    )
+    return output, target
+
+
+# ------------------------------------------------------------ real confspec processes
+PGD_ONLY = "--model.init_args.test_attacks=[{class_path: confspec_lightning.attacks.PGD}]"
+
+
+CLI_QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--model.init_args.train_attack.steps=1",
+    "--model.init_args.eval_attack.steps=1",
+]
+
+
+def run_confspec(*args: str, cwd, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    command = [sys.executable, "-m", "confspec_lightning", *args]
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_paragraph(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, no traceback, the error one line and the last, naming every fragment."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 6, proc.stderr  # at most Lightning's start-up lines before it
+    last = lines[-1]
+    assert last.startswith("confspec"), last
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    return last

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 
 CLUSTER = ROOT / "configs" / "cluster"
 SBATCH = CLUSTER / "slurm_ddp.sbatch"

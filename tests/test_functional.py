@@ -1,11 +1,13 @@
-"""Reference checks of the CSR math on hand-computed cases (method.md sections 1-3)."""
+"""Reference checks of the CSR math on hand-computed cases (docs/method.md §1-2)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import kendalltau
 
 from confspec_lightning import functional as CF
 from confspec_lightning.objectives import (
@@ -165,3 +167,69 @@ def test_trades_csr_loss_equals_formula():
     torch.testing.assert_close(loss2, 0.25 * ce + 6.0 * kl)
     with pytest.raises(KeyError, match="'bndy'"):
         combine_terms(out, [LossAdjustment(term_weights={"bndy": 1.0})])
+
+
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        ([1, 2, 3, 4], [10, 20, 30, 40], 1.0),
+        ([1, 2, 3, 4], [4, 3, 2, 1], -1.0),
+        ([1, 2, 3], [1, 3, 2], 1 / 3),  # 2 concordant, 1 discordant
+        ([1, 1, 2, 3], [1, 2, 3, 4], 5 / math.sqrt(5 * 6)),  # one tie in a: n0 = 6, n1 = 1
+        ([1, 1, 2, 2], [1, 2, 1, 2], 0.0),
+        ([1, math.nan, 3, 2], [3, 1, math.nan, 1], -1.0),  # NaNs dropped pairwise -> a=[1, 2], b=[3, 1]
+        ([1, math.nan], [math.nan, 2], math.nan),  # fewer than 2 points
+        ([5], [1], math.nan),
+        ([2, 2, 2], [1, 2, 3], math.nan),  # constant vector
+    ],
+)
+def test_kendall_tau_hand_cases(a, b, expected):
+    tau = CF.kendall_tau(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float32))
+    assert isinstance(tau, float)
+    if math.isnan(expected):
+        assert math.isnan(tau)
+    else:
+        assert tau == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kendall_tau_matches_scipy_with_ties_and_nans(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 5 + 3 * seed
+    a = torch.randint(0, 4, (n,), generator=g).double()  # few distinct values: many ties
+    b = (a + torch.randint(-2, 3, (n,), generator=g)).double()
+    a[torch.rand(n, generator=g) < 0.15] = math.nan
+    b[torch.rand(n, generator=g) < 0.15] = math.nan
+    expected = kendalltau(a.numpy(), b.numpy(), nan_policy="omit").statistic
+    keep = ~(np.isnan(a.numpy()) | np.isnan(b.numpy()))
+    assert kendalltau(a.numpy()[keep], b.numpy()[keep]).statistic == pytest.approx(expected, abs=1e-12, nan_ok=True)
+    assert CF.kendall_tau(a, b) == pytest.approx(float(expected), abs=1e-12, nan_ok=True)
+
+
+def test_kendall_tau_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"same length.*\(3,\) and \(4,\)"):
+        CF.kendall_tau(torch.zeros(3), torch.zeros(4))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("gamma,margin", [(0.0, "relative"), (0.2, "relative"), (0.3, "additive")])
+def test_confusion_from_predictions_matches_robust_confusion_matrix(normalize, gamma, margin):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 6, generator=g)
+    target = torch.randint(0, 6, (200,), generator=g)
+    pred = CF.margin_predictions(logits, target, gamma, margin)
+    expected = CF.robust_confusion_matrix(logits, target, 6, gamma=gamma, margin=margin, normalize=normalize)
+    got = CF.confusion_from_predictions(pred, target, 6, normalize=normalize)
+    assert got.dtype == torch.float32 and (got.diagonal() == 0).all()
+    torch.testing.assert_close(got, expected)
+
+
+def test_confusion_from_predictions_hand_case_and_shape_error():
+    pred = torch.tensor([0, 2, 1, 1, 0])
+    target = torch.tensor([0, 0, 1, 2, 2])
+    c = CF.confusion_from_predictions(pred, target, 3)
+    torch.testing.assert_close(c, torch.tensor([[0.0, 0, 1], [0, 0, 1], [1, 0, 0]]))
+    cn = CF.confusion_from_predictions(pred, target, 3, normalize=True)
+    torch.testing.assert_close(cn, torch.tensor([[0.0, 0, 0.5], [0, 0, 0.5], [0.5, 0, 0]]))
+    with pytest.raises(ValueError, match=r"same shape.*\(5,\) and \(4,\)"):
+        CF.confusion_from_predictions(pred, target[:4], 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_readme_lightning_example_runs(chdir_tmp, capsys):

@@ -19,7 +19,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_data import write_cifar10_archive
 from torch import nn
 
 from confspec_lightning import AttackConfig, RobustFairLitModule
@@ -30,6 +29,7 @@ from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.models import DigitsCNN
 from confspec_lightning.models.weights import load_backbone_weights
 
+from archives import write_cifar10_archive
 from helpers import make_module, make_trainer
 
 EXAMPLES = 60

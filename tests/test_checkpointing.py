@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DistributedSampler, TensorDataset
 
 from confspec_lightning.checkpointing import (
     PREEMPTION_EXIT_CODE,
@@ -29,83 +28,8 @@ from confspec_lightning.checkpointing import (
     with_atomic_checkpoint_io,
 )
 from confspec_lightning.cli import build_cli
-from confspec_lightning.data.base import EpochSampler, ResumableDataLoader
-from confspec_lightning.data.device import DeviceTensorLoader
 
-from conftest import ROOT
-
-# ------------------------------------------------------------------------------- unit tests
-
-
-@pytest.mark.parametrize("n, world_size, shuffle", [(10, 1, True), (10, 3, True), (7, 2, False), (64, 4, True)])
-def test_epoch_sampler_is_distributed_samplers_order_for_any_world_size(n, world_size, shuffle):
-    data = TensorDataset(torch.arange(n))
-    for epoch in (0, 1, 5):
-        for rank in range(world_size):
-            ours = EpochSampler(data, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=3)
-            ref = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=3)
-            ours.set_epoch(epoch)
-            ref.set_epoch(epoch)
-            assert list(ours) == list(ref)
-            assert len(ours) == len(ref)
-    torch.manual_seed(0)
-    first = list(EpochSampler(data, shuffle=True, seed=3))
-    torch.manual_seed(1)  # the global generator plays no part
-    assert list(EpochSampler(data, shuffle=True, seed=3)) == first
-
-
-def _batches(loader) -> list[list[int]]:
-    return [batch[0].tolist() if isinstance(batch, list | tuple) else batch.tolist() for batch in loader]
-
-
-def test_resumable_loader_continues_after_the_delivered_batches_of_the_same_epoch_only():
-    data = TensorDataset(torch.arange(23))
-
-    def loader() -> ResumableDataLoader:
-        return ResumableDataLoader(data, batch_size=4, sampler=EpochSampler(data, shuffle=True, seed=1))
-
-    full = loader()
-    full.sampler.set_epoch(2)
-    expected = _batches(full)
-    assert len(expected) == 6 and full.state_dict() == {"epoch": 2, "batches": 6, "batch_size": 4}
-
-    interrupted = loader()
-    interrupted.sampler.set_epoch(2)
-    iterator = iter(interrupted)
-    seen = [next(iterator)[0].tolist() for _ in range(3)]
-    state = interrupted.state_dict()
-    assert state == {"epoch": 2, "batches": 3, "batch_size": 4}
-
-    resumed = loader()
-    resumed.load_state_dict(state)
-    resumed.sampler.set_epoch(2)
-    rest = _batches(resumed)
-    assert seen + rest == expected
-    assert resumed.state_dict()["batches"] == 6  # counts the skipped batches too
-    resumed.sampler.set_epoch(3)
-    assert len(_batches(resumed)) == 6  # the skip applies once
-
-    other_epoch = loader()
-    other_epoch.load_state_dict({"epoch": 1, "batches": 6, "batch_size": 4})  # an end-of-epoch-1 checkpoint
-    other_epoch.sampler.set_epoch(2)
-    assert _batches(other_epoch) == expected
-
-
-def test_device_loader_state_dict_resumes_mid_epoch():
-    images, labels = torch.arange(30).float(), torch.arange(30)
-    epoch = {"value": 4}
-    make = lambda: DeviceTensorLoader(images, labels, batch_size=4, seed=2, epoch=lambda: epoch["value"])  # noqa: E731
-    expected = [y.tolist() for _, y in make()]
-    interrupted = make()
-    iterator = iter(interrupted)
-    seen = [next(iterator)[1].tolist() for _ in range(5)]
-    state = interrupted.state_dict()
-    assert state["epoch"] == 4 and state["batches"] == 5
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert seen + [y.tolist() for _, y in resumed] == expected
-    epoch["value"] = 5
-    assert len(list(resumed)) == len(expected)
+from helpers import ROOT
 
 
 def test_atomic_checkpoint_io_is_the_cli_default_and_user_plugins_still_work(tmp_path):
@@ -142,8 +66,6 @@ def test_atomic_checkpoint_io_is_the_cli_default_and_user_plugins_still_work(tmp
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
     assert [p.name for p in path.parent.iterdir()] == ["x.ckpt"]  # no temporary file left
 
-
-# -------------------------------------------------------------- SIGKILL while a checkpoint is written
 
 WRITER = textwrap.dedent(
     """
@@ -222,8 +144,6 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_intact(kill_
     assert sorted(p.name for p in target.parent.glob("*.ckpt")) == ["last.ckpt"]
 
 
-# ------------------------------------------------------------------ crash / preemption and resume
-
 PROBE = textwrap.dedent(
     '''
     """Loaded by the fit subprocesses: --trainer.callbacks+=resume_probe.ResumeProbe."""
@@ -281,6 +201,7 @@ PROBE = textwrap.dedent(
             )
     '''
 )
+
 
 METHODS = {
     "csr": ("configs/digits/trades_csr.yaml", ["fairness.0.direction", "fairness.0.confusion.errors"]),

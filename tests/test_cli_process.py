@@ -1,0 +1,81 @@
+"""The command line as real processes: predictions, recipes by name, --version without torch, quiet output,
+the wheel's contents.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from helpers import CLI_QUICK, ROOT, assert_one_paragraph, run_confspec
+
+
+# ---------------------------------------------------------------------------------- product gaps
+def test_predict_writes_a_csv_in_the_run_directory(tmp_path):
+    assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    proc = run_confspec(
+        "predict", "--config", "digits/trades", *CLI_QUICK, "--ckpt_path=last", "--trainer.logger.init_args.version=0",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "runs/digits_trades").glob("*/predictions.csv")
+    assert f"written to {path.relative_to(tmp_path)}" in proc.stdout
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["index", "label", "clean", "adversarial"]
+    assert [int(r["index"]) for r in rows] == list(range(len(rows))) and len(rows) == 360  # the test split
+    assert all(0 <= int(r["clean"]) < 10 and 0 <= int(r["adversarial"]) < 10 for r in rows)
+
+
+def test_recipes_by_name_version_fast_and_quiet(tmp_path):
+    proc = run_confspec("fit", "--config", "digits/trades_csr", *CLI_QUICK, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("litlogger", "litmodels", "LeafSpec", "`weights_only` was not set", "dirpath"):
+        assert noise not in proc.stderr + proc.stdout, noise
+    assert_one_paragraph(
+        run_confspec("fit", "--config", "digits/trades_cs", cwd=tmp_path),
+        "neither a file nor a shipped recipe",
+        "'digits/trades_csr'",
+    )
+    script = (
+        "from confspec_lightning.__main__ import main; import sys; main(['--version']); print('torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert proc.stdout.split() == ["confspec", "0.1.0", "False"]  # --version imports neither torch nor Lightning
+    script = "import confspec_lightning, sys; print('torch' in sys.modules, confspec_lightning.CSR.__name__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert proc.stdout.split() == ["False", "CSR"] or proc.stdout.split()[1] == "CSR"
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_recipes_and_the_license(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("confspec_lightning-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "confspec_lightning/configs/digits/trades_csr.yaml" in names
+    assert "confspec_lightning/configs/cifar10/finetune_trades_csr_paper.yaml" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "deprecated" not in proc.stderr.lower()
+
+
+def test_classwise_json_is_written_with_the_full_table(tmp_path):
+    assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    report = json.loads(next((tmp_path / "runs").glob("*/version_0/classwise_val.json")).read_text())
+    assert len(report["robust_acc"]) == 10 and report["history"][0]["epoch"] == 0
