@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,9 +42,14 @@ RANDOM_DIRECTIONS = 5
 
 
 def load_module(config: str, checkpoint: str, extra: list[str]):
-    from confspec_lightning.cli import build_cli
+    from confspec_lightning.cli import build_cli, quiet_lightning
 
-    cli = build_cli(["--config", config, "--trainer.logger=false", *extra], run=False)
+    quiet_lightning()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI is given its arguments, not this script's
+    try:
+        cli = build_cli(["--config", config, "--trainer.logger=false", *extra], run=False)
+    finally:
+        sys.argv = argv
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cli.model.on_load_checkpoint(state)
     cli.model.load_state_dict(state["state_dict"])
@@ -106,7 +112,7 @@ def check(args: argparse.Namespace) -> dict:
         "config": args.config,
         "checkpoint": str(args.checkpoint),
         "checkpoint_sha256": sha256(args.checkpoint),
-        "probe": f"{args.probe} split, {len(y)} images, adversarial examples: {module.attack_description()}",
+        "probe": f"{args.probe} split, {len(y)} images, adversarial examples: {module.eval_attack.describe()}",
         "base": base,
         "theta_norm": theta_norm,
         "gradient_norms": {name: float(gradients[name].norm()) for name in PENALTIES},

@@ -88,7 +88,7 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
         before = set((out / name).glob("version_*"))
         confspec(["test", *common, f"--ckpt_path={which}"], log)
         (run_dir,) = set((out / name).glob("version_*")) - before
-        result[which] = json.loads((run_dir / "classwise_test.json").read_text())
+        result[which] = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
@@ -106,7 +106,9 @@ def table(results: list[dict], methods: list[str], which: str) -> str:
         if not runs:
             continue
         cells = [format_mean_std([r[which]["summary"][k] for r in runs], scale=100) for k in SUMMARY_KEYS]
-        norm = [r[which]["confusion_spectral_norm"] for r in runs]
+        # the test report's summary (older results: the per-class JSON's top level)
+        summaries = [(r[which]["summary"], r[which]) for r in runs]
+        norm = [s.get("confusion_spectral_norm", top.get("confusion_spectral_norm")) for s, top in summaries]
         norm_cell = format_mean_std(norm, digits=3)
         seconds = statistics.median(r["fit_seconds"] for r in runs)
         lines.append(f"| {LABELS[method]} | {' | '.join(cells)} | {norm_cell} | {seconds:.0f} |")
