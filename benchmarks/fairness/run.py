@@ -407,7 +407,7 @@ def table(results: list[dict], methods: list[str]) -> str:
     head = ["method", "seeds"]
     for attack in attacks:
         head += [f"{titles[attack]} avg", f"{titles[attack]} worst"]
-    head += ["‖C‖₂ (AA)", "train s/epoch (median)"]
+    head += ["‖C‖₂ (AA)", "‖C‖₁ (AA)", "train s/epoch (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
         runs = [r for r in results if r["method"] == method]
@@ -419,6 +419,8 @@ def table(results: list[dict], methods: list[str]) -> str:
             cells.append(format_mean_std([r["evaluation"]["attacks"][attack]["worst"] for r in runs], scale=100))
         norms = [r["evaluation"]["attacks"][attacks[-1]]["confusion_spectral_norm"] for r in runs]
         cells.append(f"{statistics.mean(norms):.3f}")
+        # ||C||_1 of the per-class error rates = the worst class's robust error
+        cells.append(f"{statistics.mean(1.0 - r['evaluation']['attacks'][attacks[-1]]['worst'] for r in runs):.3f}")
         cells.append(f"{statistics.median(r['fit_seconds'] / r['epochs'] for r in runs):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -483,6 +485,49 @@ def figure(results: list[dict], methods: list[str], path: Path, title: str) -> N
     plt.close(fig)
 
 
+def tradeoff_figure(all_results: dict[str, list[dict]], protocol: str, path: Path, reference: str | None) -> None:
+    """Worst-class vs average robust accuracy (last attack), one point per method with its seed spread (error bars);
+    the methods of protocol ``reference`` (same data and evaluation) in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    groups = [(protocol, None)] + ([(reference, "grey")] if reference and all_results.get(reference) else [])
+    for name, colour in groups:
+        results = all_results[name]
+        attack = attack_columns(results)[-1]
+        for method in PROTOCOLS[name].methods:
+            runs = [r["evaluation"]["attacks"][attack] for r in results if r["method"] == method]
+            if not runs or (name != protocol and any(r["method"] == method for r in all_results[protocol])):
+                continue
+            avg = [100 * r["avg"] for r in runs]
+            worst = [100 * r["worst"] for r in runs]
+            spread = (
+                statistics.stdev(avg) if len(avg) > 1 else 0.0,
+                statistics.stdev(worst) if len(worst) > 1 else 0.0,
+            )
+            label = LABELS.get(method, method) + ("" if name == protocol else f" ({name})")
+            marker = "s" if method == "trades" else "o"
+            ax.errorbar(
+                statistics.mean(avg), statistics.mean(worst), xerr=spread[0], yerr=spread[1], fmt=marker,
+                color=colour, alpha=0.6 if colour else 1.0, capsize=3, label=label,
+            )  # fmt: skip
+    ax.set_xlabel(f"average {attack} accuracy (%)")
+    ax.set_ylabel(f"worst-class {attack} accuracy (%)")
+    ax.set_title(f"{protocol}: worst class vs average (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: protocols whose report adds the worst-vs-average figure, with the protocol whose methods it shows in grey
+TRADEOFF_FIGURES = {"digits_csr": "digits"}
+
+
 def write_report(
     all_results: dict[str, list[dict]], commands: dict[str, str], notes: dict[str, str] | None = None
 ) -> None:
@@ -507,6 +552,10 @@ def write_report(
         spec = PROTOCOLS[protocol]
         figure_path = HERE / f"{protocol}_classwise.png"
         figure(results, spec.methods, figure_path, f"{protocol}: per-class robust accuracy (mean over seeds)")
+        tradeoff = None
+        if protocol in TRADEOFF_FIGURES:
+            tradeoff = HERE / f"{protocol}_tradeoff.png"
+            tradeoff_figure(all_results, protocol, tradeoff, TRADEOFF_FIGURES[protocol])
         machine_note = results[0].get("machine", machine)
         codes = sorted({r.get("code", "not recorded") for r in results})
         lines += [
@@ -530,6 +579,7 @@ def write_report(
             "",
             f"![per-class robust accuracy]({figure_path.name})",
             "",
+            *([f"![worst class vs average]({tradeoff.name})", ""] if tradeoff else []),
         ]
     RESULTS_MD.write_text("\n".join(lines))
 
