@@ -79,3 +79,49 @@ def test_classwise_json_is_written_with_the_full_table(tmp_path):
     assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     report = json.loads(next((tmp_path / "runs").glob("*/version_0/classwise_val.json")).read_text())
     assert len(report["robust_acc"]) == 10 and report["history"][0]["epoch"] == 0
+
+
+def test_progress_where_users_wait(tmp_path):
+    """The CSR epoch pass gets its own bar; `confspec test` reports AutoAttack per attack and test batch."""
+    progress = [
+        "--trainer.enable_progress_bar=true",
+        "--trainer.limit_test_batches=1",
+        "--data.init_args.eval_batch_size=16",
+    ]
+    args = ["--config", "digits/trades_csr", *CLI_QUICK, *progress]
+    proc = run_confspec("fit", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 0: attack pass (train)" in proc.stderr
+    attacks = [
+        "--config",
+        str(ROOT / "tests/quick_attacks.yaml"),
+        "--ckpt_path=last",
+        "--trainer.logger.init_args.version=0",
+    ]
+    proc = run_confspec("test", *args, *attacks, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "autoattack, test batch 1: running apgd-ce" in proc.stderr
+
+
+def test_archive_decode_shows_progress_on_a_terminal(tmp_path, monkeypatch):
+    import io
+
+    from confspec_lightning.data import archive
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(archive, "PROGRESS_MIN_IMAGES", 4)
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(image)
+    archive.decode_images(((image, "a") for _ in range(6)), 6, "decoding test")
+    assert "decoding test" in terminal.getvalue()
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    archive.decode_images(((image, "a") for _ in range(3)), 3, "decoding test")  # below the threshold: no bar
+    assert quiet.getvalue() == ""

@@ -174,3 +174,23 @@ def test_format_mean_std_over_runs():
     # signed differences; a mean that rounds to zero is written +0.00, not -0.00
     assert format_mean_std([-2.0, 4.0], signed=True) == "+1.00 ± 4.24"
     assert format_mean_std([-0.001], signed=True) == "+0.00"
+
+
+def test_many_classes_print_the_worst_and_best_few():
+    k = 200
+    names = [f"c{i}" for i in range(k)]
+    target = torch.arange(k).repeat(2)
+    pred = torch.where(target < 10, (target + 1) % k, target)  # classes 0..9 always wrong
+    report = EvaluationReport.from_predictions(
+        "many", names, target, {"clean": target, "pgd20": pred}, robust_attack="pgd20"
+    )
+    table = report.format_table()
+    rows = [line for line in table.splitlines() if line.startswith("c")]
+    assert len(rows) == 10 and "(190 classes not shown; all in the JSON)" in table
+    assert rows[0].split()[0] == "c0" and len(report.to_dict()["attacks"]["pgd20"]["classwise_acc"]) == k
+
+
+def test_kendall_tau_undefined_is_said_so():
+    zeros = Divergence.from_accuracies("pgd20", [0.0, 0.0, 0.0], [0.1, 0.5, 0.2])
+    assert zeros.describe_tau() == "undefined (every class at 0 % on the train subset)"
+    assert Divergence.from_accuracies("pgd20", [0.1, 0.5], [0.2, 0.4]).describe_tau() == "1.000"
