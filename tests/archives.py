@@ -188,12 +188,6 @@ def corrupt(path: Path, how: str) -> None:
 
 
 # --------------------------------------------------------------------------- Tiny-ImageNet
-@pytest.fixture
-def tin_folder(tmp_path) -> Path:
-    write_tin_folder(tmp_path / "tin")
-    return tmp_path / "tin"
-
-
 # ------------------------------------------------------------------------ on-device loader
 def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
     """The real digits training split (1167 images: odd, so two ranks need padding)."""

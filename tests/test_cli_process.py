@@ -78,7 +78,9 @@ def test_the_wheel_ships_the_recipes_and_the_license(tmp_path):
 def test_classwise_json_is_written_with_the_full_table(tmp_path):
     assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     report = json.loads(next((tmp_path / "runs").glob("*/version_0/classwise_val.json")).read_text())
-    assert len(report["robust_acc"]) == 10 and report["history"][0]["epoch"] == 0
+    robust = report["attacks"][report["robust_attack"]]
+    assert len(robust["classwise_acc"]) == 10 and len(report["attacks"]["clean"]["classwise_acc"]) == 10
+    assert len(robust["confusion"]) == 10 and report["history"][0]["epoch"] == 0
 
 
 def test_progress_where_users_wait(tmp_path):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from confspec_lightning.evaluation.report import CLEAN, EvaluationReport
 
 from helpers import ROOT
 
@@ -55,8 +56,20 @@ def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = save_dir / "digits_pgdat_csr/version_0"
     state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    report = json.loads((run_dir / "classwise_val.json").read_text())
-    return state, report
+    return state, validation_arrays(run_dir / "classwise_val.json")
+
+
+def validation_arrays(path) -> dict:
+    """The per-class numbers of the last validation report (clean, evaluation PGD, its confusion matrix)."""
+    report = EvaluationReport.load_json(path)
+    robust = report.robust
+    return {
+        "class_counts": report.class_counts,
+        "clean_acc": report.attacks[CLEAN].classwise_acc,
+        "robust_acc": robust.classwise_acc,
+        "confusion": robust.confusion,
+        "confusion_spectral_norm": robust.confusion_spectral_norm,
+    }
 
 
 @pytest.mark.parametrize("source", ["streaming", "epoch_pass"])
@@ -118,13 +131,20 @@ def test_ddp_baseline_state_equals_one_process(tmp_path, stack):
         torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
 
 
+# jsonargparse merges the init_args of a list entry with the same class_path in the base config
+# (digits/pgdat_csr.yaml, code form): reset its code-form options so the paper form's defaults apply
+_CODE_OPTIONS_UNSET = "margin: null, include_diagonal: null, rescale: null, normalize: null"
 PAPER_FORMS = {
     # the batch's own surrogate matrix, summed over ranks every step; each rank's share scaled by W
-    "batch": "      - class_path: confspec_lightning.fairness.CSR\n        init_args: {form: paper, alpha: 1.0}\n",
+    "batch": (
+        "      - class_path: confspec_lightning.fairness.CSR\n"
+        f"        init_args: {{form: paper, alpha: 1.0, confusion_source: batch, {_CODE_OPTIONS_UNSET}}}\n"
+    ),
     # an EMA of the global batch matrices
     "ema": (
         "      - class_path: confspec_lightning.fairness.CSR\n"
-        "        init_args: {form: paper, alpha: 1.0, confusion_source: ema, surrogate: soft}\n"
+        "        init_args: {form: paper, alpha: 1.0, confusion_source: ema, surrogate: soft, "
+        f"{_CODE_OPTIONS_UNSET}}}\n"
     ),
 }
 

@@ -13,7 +13,14 @@ from confspec_lightning.data import (
     archive,
 )
 
-from archives import TIN_DIR, TIN_WNIDS, needs, pil_decode, write_tin_archives
+from archives import TIN_DIR, TIN_WNIDS, needs, pil_decode, write_tin_archives, write_tin_folder
+
+
+@pytest.fixture
+def tin_folder(tmp_path):
+    """A small Tiny-ImageNet folder tree (12 train / 3 val images per class) in its own directory."""
+    write_tin_folder(tmp_path / "tin")
+    return tmp_path / "tin"
 
 
 def test_tinyimagenet_folder_layout(tin_folder):
