@@ -2,6 +2,8 @@
 #   make demo   - robust + class-fair training (TRADES + CSR) on the embedded digits data set
 #   make test   - lint and the whole test suite
 PYTHON ?= python3
+# test processes (pytest-xdist): the suite is mostly single-threaded, so one per core
+TEST_WORKERS ?= 2
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -21,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check confspec_lightning tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 bench-digits: $(STAMP)
 	$(BIN)/python benchmarks/digits/run.py

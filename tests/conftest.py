@@ -13,7 +13,8 @@ from confspec_lightning.data.digits import DigitsDataModule
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared test modules (helpers, archives)
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# one intra-op thread per pytest-xdist worker (the workers share the cores), at most 2 in a single process
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ Every test runs ``python -m confspec_lightning`` as a real process.
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 from helpers import CLI_QUICK, PGD_ONLY, run_confspec
@@ -12,8 +14,9 @@ from helpers import CLI_QUICK, PGD_ONLY, run_confspec
 
 # ------------------------------------------------------------------------- runs named by --ckpt_path
 def test_best_and_last_resolve_within_the_named_run(tmp_path):
-    for _ in range(2):  # two runs of the same name: version_0, version_1
-        assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    # a second run of the same name (what a second fit writes: version_1 with its own checkpoints)
+    shutil.copytree(tmp_path / "runs/digits_trades/version_0", tmp_path / "runs/digits_trades/version_1")
     proc = run_confspec("test", "--config", "digits/trades", *CLI_QUICK, "--ckpt_path=best", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "--ckpt_path best is ambiguous: 2 runs" in proc.stderr  # refused, rather than taking the newest
