@@ -231,6 +231,9 @@ def main(args: list[str] | None = None) -> None:
     quiet_lightning()
     debug = errors.debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
+    if argv[:1] and argv[0] in ("validate", "test", "predict"):
+        # evaluating a checkpoint of another run: its ModelCheckpoint bookkeeping is not used, nothing to act on
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from .*")
     try:
         argv = resolve_recipes(argv)
         if args is None:  # LightningCLI reads sys.argv itself (given args too, it warns)

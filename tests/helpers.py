@@ -110,6 +110,33 @@ def run_confspec(*args: str, cwd, env: dict | None = None, timeout: int = 600) -
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def run_confspec_in_process(*args: str, cwd) -> subprocess.CompletedProcess:
+    """``confspec ARGS`` through :func:`confspec_lightning.__main__.main` in this process (exit status, stdout
+    and stderr captured): the same code path as :func:`run_confspec` without a new interpreter, for the many
+    variants of one check; each check keeps one real-process test beside it."""
+    import contextlib
+    import io
+
+    from confspec_lightning.__main__ import main
+
+    out, err, previous, code = io.StringIO(), io.StringIO(), os.getcwd(), 0
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            except Exception:  # what a real process would print before exiting with status 1
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["confspec", *args], code, out.getvalue(), err.getvalue())
+
+
 def assert_one_paragraph(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     """Exit 2, no traceback, the error one line and the last, naming every fragment."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])

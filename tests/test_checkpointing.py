@@ -8,8 +8,10 @@ state, the random generator state, the batches seen (in order) and the per-class
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,15 +258,22 @@ def _interrupt(
             process.kill()
 
 
-_UNINTERRUPTED: dict[str, Path] = {}
-
-
 def _uninterrupted(method: str, tmp_path_factory) -> Path:
-    if method not in _UNINTERRUPTED:
-        out = tmp_path_factory.mktemp(f"uninterrupted_{method}")
-        _finish(_fit(method, out), out)
-        _UNINTERRUPTED[method] = out
-    return _UNINTERRUPTED[method]
+    """The uninterrupted reference fit of ``method``, run once per test session (shared by pytest-xdist
+    workers: the first one to need it runs it under a file lock, the others wait and read it)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / f"uninterrupted_{method}"
+    with open(shared / f"uninterrupted_{method}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / "done").exists():
+                shutil.rmtree(out, ignore_errors=True)
+                _finish(_fit(method, out), out)
+                (out / "done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
 
 
 def _records(out: Path, rank: int = 0) -> list[dict]:

@@ -1,6 +1,7 @@
 """What a user meets on the command line for bad input: one line, exit status 2, the closest valid names.
 
-Every test runs ``python -m confspec_lightning`` as a real process.
+Each check runs ``python -m confspec_lightning`` as a real process; its further variants run the same entry
+point in-process (:func:`helpers.run_confspec_in_process`: exit status and output captured alike).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from helpers import CLI_QUICK, assert_one_paragraph, run_confspec
+from helpers import CLI_QUICK, assert_one_paragraph, run_confspec, run_confspec_in_process
 
 
 # ----------------------------------------------------------------------------- errors and messages
@@ -28,7 +29,7 @@ from helpers import CLI_QUICK, assert_one_paragraph, run_confspec
     ids=["beta", "eval-steps", "linf-eps", "batch-size", "train-per-class", "typo-option"],
 )
 def test_a_rejected_value_is_one_line_with_exit_code_2(args, fragments, tmp_path):
-    proc = run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, *args, cwd=tmp_path)
+    proc = run_confspec_in_process("fit", "--config", "digits/trades", *CLI_QUICK, *args, cwd=tmp_path)
     assert_one_paragraph(proc, *fragments)
 
 
@@ -57,6 +58,9 @@ def test_csr_alpha_unknown_class_path_and_yaml_key(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
+    # a real process: one line, exit status 2; with --debug (or CONFSPEC_DEBUG=1) the traceback
+    proc = run_confspec("fit", "--config", "digits/trades", "--model.init_args.beta=-1", cwd=tmp_path)
+    assert_one_paragraph(proc, "model.beta=-1.0 is not accepted", ">= 0")
     proc = run_confspec("fit", "--config", "digits/trades", "--model.init_args.beta=-1", "--debug", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "beta=-1.0 is not accepted" in proc.stderr
     proc = run_confspec(
@@ -89,5 +93,6 @@ def test_ckpt_path_that_cannot_be_read_is_named(kind, tmp_path):
     elif kind == "pickled":
         path.write_bytes(pickle.dumps({"state_dict": {}, "callback": os.getcwd}))  # a function: refused
     fragment = "no such file" if kind == "missing" else "bad.ckpt"
-    proc = run_confspec("test", "--config", "digits/trades", f"--ckpt_path={path}", cwd=tmp_path)
+    run = run_confspec if kind == "pickled" else run_confspec_in_process  # one real process, the rest in-process
+    proc = run("test", "--config", "digits/trades", f"--ckpt_path={path}", cwd=tmp_path)
     assert_one_paragraph(proc, "--ckpt_path", fragment)

@@ -1,6 +1,6 @@
 """``--ckpt_path best|last|<run dir>`` within the run a command names; a resumed fit continues its run.
 
-Every test runs ``python -m confspec_lightning`` as a real process.
+Every test runs ``python -m confspec_lightning`` as a real process (variants of a check: in-process, same entry point).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 
 import torch
 
-from helpers import CLI_QUICK, PGD_ONLY, run_confspec
+from helpers import CLI_QUICK, PGD_ONLY, run_confspec, run_confspec_in_process
 
 
 # ------------------------------------------------------------------------- runs named by --ckpt_path
@@ -22,14 +22,14 @@ def test_best_and_last_resolve_within_the_named_run(tmp_path):
     assert "--ckpt_path best is ambiguous: 2 runs" in proc.stderr  # refused, rather than taking the newest
     assert "version_0 (1 epochs" in proc.stderr and "version_1 (1 epochs" in proc.stderr
     assert "--trainer.logger.init_args.version" in proc.stderr
-    proc = run_confspec(
+    proc = run_confspec_in_process(  # the same entry point, without a third interpreter start
         "test", "--config", "digits/trades", *CLI_QUICK, "--ckpt_path=best", "--trainer.logger.init_args.version=0",
         PGD_ONLY, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--ckpt_path best -> runs/digits_trades/version_0/checkpoints/best-epoch000.ckpt" in proc.stdout
     run_dir = tmp_path / "runs/digits_trades/version_0"
-    proc = run_confspec(
+    proc = run_confspec_in_process(
         "test", "--config", "digits/trades", *CLI_QUICK, f"--ckpt_path={run_dir}", PGD_ONLY,
         cwd=tmp_path,
     )  # fmt: skip
