@@ -77,8 +77,16 @@ class Protocol:
 
 
 def csr_fairness(**init_args: object) -> str:
-    """The `fairness:` YAML list of one CSR with these init_args (for protocol variants)."""
-    args = ", ".join(f"{key}: {value}" for key, value in init_args.items())
+    """The `fairness:` YAML list of one CSR with these init_args (for protocol variants).
+
+    Every option is written out: jsonargparse merges a list entry's init_args with those of the entry of the
+    same class_path in the base config, so an option left out would keep the base config's (code-form) value.
+    The form-dependent options not given are null (= the chosen form's default), alpha and gamma CSR's defaults.
+    """
+    from confspec_lightning.fairness.csr import FORM_DEFAULTS
+
+    full = {"alpha": 0.3, "gamma": 0.0, **{key: None for key in FORM_DEFAULTS["code"]}, **init_args}
+    args = ", ".join(f"{key}: {'null' if value is None else value}" for key, value in full.items())
     return f"      - class_path: confspec_lightning.fairness.CSR\n        init_args: {{{args}}}\n"
 
 

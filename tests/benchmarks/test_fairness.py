@@ -3,6 +3,7 @@ and the tables computed from them (hand-computed cases)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from helpers import ROOT
 
@@ -153,3 +155,7 @@ def test_every_protocol_run_is_a_config_the_cli_accepts(protocol, tmp_path, caps
             assert class_path in printed, (method, class_path)
             for key, value in fairness_run.CSR_FORMS.get(method, {}).items():
                 assert f"{key}: {value}" in printed, (method, key)
+        # the parsed fairness list builds (a merged option the variant's form refuses fails here, not mid-sweep)
+        for entry in yaml.safe_load(printed)["model"]["init_args"]["fairness"] or []:
+            module_name, _, class_name = entry["class_path"].rpartition(".")
+            getattr(importlib.import_module(module_name), class_name)(**(entry.get("init_args") or {}))
