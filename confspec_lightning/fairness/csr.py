@@ -143,7 +143,9 @@ class CSR(FairnessMethod):
         if form == "paper" and options["include_diagonal"]:
             raise ValueError(
                 "csr.include_diagonal=True is not accepted with csr.form='paper': the surrogate matrix charges "
-                "only errors (its diagonal is 0); leave it unset, or use csr.form='code'."
+                "only errors (its diagonal is 0); leave it unset (null: a config stacked on a code-form one, such as "
+                "configs/digits/trades_csr.yaml, keeps that config's CSR options unless they are set to null), or use "
+                "csr.form='code'."
             )
         self.alpha = alpha
         self.gamma = gamma
