@@ -202,14 +202,20 @@ class _DropAdvertisements(logging.Filter):
         return not ("litlogger" in message or "litmodels" in message)
 
 
-def quiet_lightning() -> None:
-    """No messages a user of ``confspec`` cannot act on: Lightning's product tips, its internal deprecations."""
+def quiet_lightning(subcommand: str | None = None) -> None:
+    """No messages a user of ``confspec`` cannot act on: Lightning's product tips, its internal deprecations.
+
+    When evaluating (``validate``, ``test``, ``predict``) another run's checkpoint, also Lightning's notice about
+    that run's ModelCheckpoint bookkeeping (the state is not used there).
+    """
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropAdvertisements) for f in logger.filters):
             logger.addFilter(_DropAdvertisements())
     # raised inside Lightning's own _pytree helper with torch >= 2.10; nothing in a config can change it
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    if subcommand in ("validate", "test", "predict"):
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from .*")
 
 
 def _named_in_full(error: BaseException) -> str:
@@ -228,12 +234,9 @@ def main(args: list[str] | None = None) -> None:
     ``CONFSPEC_DEBUG=1``) shows the traceback instead.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    quiet_lightning()
+    quiet_lightning(argv[0] if argv else None)
     debug = errors.debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
-    if argv[:1] and argv[0] in ("validate", "test", "predict"):
-        # evaluating a checkpoint of another run: its ModelCheckpoint bookkeeping is not used, nothing to act on
-        warnings.filterwarnings("ignore", message=r"The dirpath has changed from .*")
     try:
         argv = resolve_recipes(argv)
         if args is None:  # LightningCLI reads sys.argv itself (given args too, it warns)

@@ -81,11 +81,14 @@ def csr_fairness(**init_args: object) -> str:
 
     Every option is written out: jsonargparse merges a list entry's init_args with those of the entry of the
     same class_path in the base config, so an option left out would keep the base config's (code-form) value.
-    The form-dependent options not given are null (= the chosen form's default), alpha and gamma CSR's defaults.
+    The options not given take CSR's own defaults (None = the chosen form's default), read from its signature.
     """
-    from confspec_lightning.fairness.csr import FORM_DEFAULTS
+    import inspect
 
-    full = {"alpha": 0.3, "gamma": 0.0, **{key: None for key in FORM_DEFAULTS["code"]}, **init_args}
+    from confspec_lightning.fairness import CSR
+
+    defaults = {name: p.default for name, p in inspect.signature(CSR).parameters.items()}
+    full = {**defaults, **init_args}
     args = ", ".join(f"{key}: {'null' if value is None else value}" for key, value in full.items())
     return f"      - class_path: confspec_lightning.fairness.CSR\n        init_args: {{{args}}}\n"
 
