@@ -39,6 +39,35 @@ from confspec_lightning.checkpointing import PreemptionCheckpoint, with_atomic_c
 from confspec_lightning.module import RobustFairLitModule
 
 
+class ConfspecTrainer(Trainer):
+    """Lightning's ``Trainer``, where an integer ``limit_*_batches`` / ``val_check_interval`` stays a number of batches.
+
+    Lightning types these ``float | int``; the parser tries ``float`` first, so ``--trainer.limit_val_batches=1``
+    (or ``limit_val_batches: 1`` in YAML) became ``1.0``, i.e. *all* batches. Here ``1`` is one batch and ``1.0``
+    all of them, as the Trainer's own documentation says.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        val_check_interval: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            *args,
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            val_check_interval=val_check_interval,
+            **kwargs,
+        )
+
+
 class ConfspecCLI(LightningCLI):
     """LightningCLI with the links and defaults of confspec-lightning."""
 
@@ -140,6 +169,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
     return ConfspecCLI(
         RobustFairLitModule,
         LightningDataModule,
+        trainer_class=ConfspecTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

@@ -120,6 +120,7 @@ def run_confspec_in_process(*args: str, cwd) -> subprocess.CompletedProcess:
     from confspec_lightning.__main__ import main
 
     out, err, previous, code = io.StringIO(), io.StringIO(), os.getcwd(), 0
+    argv, sys.argv = sys.argv, ["confspec"]  # as a process started as ``confspec ARGS`` sees it
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -134,6 +135,7 @@ def run_confspec_in_process(*args: str, cwd) -> subprocess.CompletedProcess:
                 code = 1
     finally:
         os.chdir(previous)
+        sys.argv = argv
     return subprocess.CompletedProcess(["confspec", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -95,6 +95,19 @@ def test_version_and_print_config(capsys):
     assert printed["model"]["init_args"]["fairness"][0]["init_args"]["confusion_source"] == "epoch_pass"
 
 
+def test_an_integer_batch_limit_is_a_number_of_batches(chdir_tmp):
+    """``--trainer.limit_val_batches=1`` is one batch (Lightning's float-first type read it as 1.0: all of them)."""
+    (chdir_tmp / "limits.yaml").write_text("trainer:\n  limit_test_batches: 2\n  val_check_interval: 1.0\n")
+    limits = ["--trainer.limit_val_batches=1", "--trainer.limit_train_batches=0.5", "--config", "limits.yaml"]
+    cli = build_cli(["--config", str(ROOT / "configs/digits/trades.yaml"), *limits], run=False)
+    trainer = cli.trainer
+    assert (trainer.limit_val_batches, trainer.limit_test_batches) == (1, 2)
+    assert isinstance(trainer.limit_val_batches, int) and isinstance(trainer.limit_test_batches, int)
+    assert trainer.limit_train_batches == 0.5 and isinstance(trainer.val_check_interval, float)
+    trainer.validate(cli.model, cli.datamodule, verbose=False)
+    assert trainer.num_val_batches == [1]
+
+
 def test_fit_then_test_with_ckpt_path_best(chdir_tmp, capsys):
     cfg = str(ROOT / "configs/digits/trades_csr.yaml")
     short = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", *QUICK]

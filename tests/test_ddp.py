@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from confspec_lightning.evaluation.report import CLEAN, EvaluationReport
 
-from helpers import ROOT
+from helpers import ROOT, run_confspec, run_confspec_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -20,9 +16,6 @@ def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) 
     """Fit digits/pgdat_csr.yaml (or TRADES with the ``fairness`` YAML list) with 1 or 2 processes."""
     global_batch = 32
     args = [
-        sys.executable,
-        "-m",
-        "confspec_lightning",
         "fit",
         "--config",
         str(ROOT / "configs/digits/pgdat_csr.yaml"),
@@ -51,8 +44,15 @@ def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) 
         args.append("--model.init_args.objective=trades")
     config.write_text("model:\n  init_args:\n    fairness:\n" + fairness)
     args += ["--config", str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(args, cwd=save_dir, env=env, capture_output=True, text=True, timeout=600)
+    if processes == 1:  # the reference: in this process (one intra-op thread, as each DDP rank has)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            proc = run_confspec_in_process(*args, cwd=save_dir)
+        finally:
+            torch.set_num_threads(threads)
+    else:  # Lightning's DDP launcher starts the second rank as a new process
+        proc = run_confspec(*args, cwd=save_dir, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = save_dir / "digits_pgdat_csr/version_0"
     state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
@@ -72,23 +72,34 @@ def validation_arrays(path) -> dict:
     }
 
 
-@pytest.mark.parametrize("source", ["streaming", "epoch_pass"])
-def test_ddp_two_processes_equal_one_process(tmp_path, source):
-    single_state, single_report = run_fit(tmp_path / "single", 1, source)
-    ddp_state, ddp_report = run_fit(tmp_path / "ddp", 2, source)
-    # the accumulated confusion matrix: summed over ranks = the single process's
-    for key in ("fairness.0.confusion.errors", "fairness.0.confusion.class_counts"):
-        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=0, atol=0)
-    assert single_state["fairness.0.confusion.class_counts"].sum() == 4 * 32
-    # the spectral direction G
-    g_single, g_ddp = single_state["fairness.0.direction"], ddp_state["fairness.0.direction"]
+def assert_csr_equal(single_state: dict, ddp_state: dict, index: int, counts: int) -> None:
+    """CSR number ``index`` of the stack: the accumulated confusion matrix summed over ranks is the single
+    process's, exactly; so is its spectral direction G, up to float rounding."""
+    prefix = f"fairness.{index}."
+    for key in ("confusion.errors", "confusion.class_counts"):
+        torch.testing.assert_close(ddp_state[prefix + key], single_state[prefix + key], rtol=0, atol=0)
+    assert single_state[prefix + "confusion.class_counts"].sum() == counts
+    g_single, g_ddp = single_state[prefix + "direction"], ddp_state[prefix + "direction"]
     assert not torch.equal(g_single, torch.ones_like(g_single))
     torch.testing.assert_close(g_ddp, g_single, rtol=1e-5, atol=1e-6)
-    # the logged per-class metrics (validation split, synchronised over ranks)
+
+
+def assert_reports_equal(single_report: dict, ddp_report: dict) -> None:
+    """The logged per-class metrics (validation split, synchronised over ranks)."""
     assert sum(ddp_report["class_counts"]) == sum(single_report["class_counts"]) == 270
     for key in ("class_counts", "clean_acc", "robust_acc", "confusion"):
         torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
     assert ddp_report["confusion_spectral_norm"] == pytest.approx(single_report["confusion_spectral_norm"])
+
+
+def test_ddp_two_processes_equal_one_process_epoch_pass(tmp_path):
+    """CSR's direction from a separate pass over the training set at each epoch start (code form, PGD-AT).
+
+    The ``streaming`` source (the training batches' own predictions) is the ``dafa_csr`` stack below."""
+    single_state, single_report = run_fit(tmp_path / "single", 1, "epoch_pass")
+    ddp_state, ddp_report = run_fit(tmp_path / "ddp", 2, "epoch_pass")
+    assert_csr_equal(single_state, ddp_state, 0, counts=4 * 32)
+    assert_reports_equal(single_report, ddp_report)
 
 
 BASELINE_STACKS = {
@@ -127,8 +138,9 @@ def test_ddp_baseline_state_equals_one_process(tmp_path, stack):
     for key in state:  # the state did move (the comparison is not between two initial states)
         value = single_state[key]
         assert value.abs().sum() > 0 and not torch.equal(value, torch.ones_like(value)), key
-    for key in ("class_counts", "clean_acc", "robust_acc"):
-        torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
+    assert_reports_equal(single_report, ddp_report)
+    if stack == "dafa_csr":  # CSR streaming (the last epoch's training batches) after DAFA's warm-up epoch
+        assert_csr_equal(single_state, ddp_state, 1, counts=4 * 32)
 
 
 # jsonargparse merges the init_args of a list entry with the same class_path in the base config

@@ -201,6 +201,7 @@ def main() -> None:
         throughput = args.out / "throughput.json"
         if args.smoke:
             setup = ["--device", "cpu", "--setups", "smallcnn", "--steps", "1", "--repeats", "1", "--no-compile"]
+            setup += ["--attack-steps", "1"]
             setup += ["--batch-size", "8", "--warmup", "0"]
             setup += ["--precisions", "32-true"]
             setup += ["--sections", "steps", "--no-memory"]

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -76,6 +76,13 @@ SETUPS = {
     "preact18": Setup("PreActResNet-18 (32x32x3)", lambda k: PreActResNet18(k), 128),
     "wrn34": Setup("WRN-34-10 (32x32x3)", lambda k: WideResNet(depth=34, widen_factor=10, num_classes=k), 128),
 }
+
+
+def configured_setup(key: str, args: argparse.Namespace) -> Setup:
+    """The set-up ``key`` with the command line's ``--batch-size`` and ``--attack-steps``, where given."""
+    setup = SETUPS[key]
+    attack = setup.attack if args.attack_steps is None else replace(setup.attack, steps=args.attack_steps)
+    return Setup(setup.name, setup.build, args.batch_size or setup.batch_size, setup.input_shape, attack)
 
 
 class SyntheticImages(ClassificationDataModule):
@@ -341,9 +348,8 @@ def cpu_memory_probe(args: argparse.Namespace) -> None:
     working set (activations, attack buffers, autocast copies) above what was resident before them.
     """
     config = next(c for c in STEP_CONFIGS if c.label == args.memory_probe)
-    setup = SETUPS[args.setups[0]]
-    batch = args.batch_size or setup.batch_size
-    setup = Setup(setup.name, setup.build, batch, setup.input_shape, setup.attack)
+    setup = configured_setup(args.setups[0], args)
+    batch = setup.batch_size
     device = torch.device("cpu")
     data = SyntheticImages(batch * 8, setup.input_shape, batch_size=batch)
     data.setup()
@@ -360,9 +366,11 @@ def _proc_status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def cpu_memory(config: Config, setup_key: str, batch: int) -> int | None:
+def cpu_memory(config: Config, setup_key: str, setup: Setup) -> int | None:
+    command = [sys.executable, __file__, "--setups", setup_key, "--memory-probe", config.label]
+    command += ["--batch-size", str(setup.batch_size), "--attack-steps", str(setup.attack.steps)]
     out = subprocess.run(
-        [sys.executable, __file__, "--setups", setup_key, "--memory-probe", config.label, "--batch-size", str(batch)],
+        command,
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -373,9 +381,8 @@ def cpu_memory(config: Config, setup_key: str, batch: int) -> int | None:
 
 # ----------------------------------------------------------------------------- sections
 def section_steps(setup_key: str, device: torch.device, args: argparse.Namespace) -> dict:
-    setup = SETUPS[setup_key]
-    batch = args.batch_size or setup.batch_size
-    setup = Setup(setup.name, setup.build, batch, setup.input_shape, setup.attack)
+    setup = configured_setup(setup_key, args)
+    batch = setup.batch_size
     configs = [
         c
         for c in STEP_CONFIGS
@@ -394,7 +401,7 @@ def section_steps(setup_key: str, device: torch.device, args: argparse.Namespace
         t = runner.timing
         memory = t.memory_bytes
         if device.type == "cpu" and not runner.config.compile and not args.no_memory:
-            memory = cpu_memory(runner.config, setup_key, batch)
+            memory = cpu_memory(runner.config, setup_key, setup)
         rows.append(
             {
                 "config": runner.config.label,
@@ -436,7 +443,14 @@ def section_steps(setup_key: str, device: torch.device, args: argparse.Namespace
             plain, STEP_CONFIGS[7].label
         ),
     }
-    return {"setup": setup.name, "batch_size": batch, "flops_per_step": flops, "rows": rows, "summary": summary}
+    return {
+        "setup": setup.name,
+        "batch_size": batch,
+        "attack_steps": setup.attack.steps,
+        "flops_per_step": flops,
+        "rows": rows,
+        "summary": summary,
+    }
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 30) -> float:
@@ -525,9 +539,8 @@ def tinyimagenet_run(root: Path, device: torch.device, args: argparse.Namespace)
 
 def section_data(setup_key: str, device: torch.device, args: argparse.Namespace) -> dict:
     """Share of the step outside the training step, with the DataLoader and with ``data.on_device``."""
-    setup = SETUPS[setup_key]
-    batch = args.batch_size or setup.batch_size
-    setup = Setup(setup.name, setup.build, batch, setup.input_shape, setup.attack)
+    setup = configured_setup(setup_key, args)
+    batch = setup.batch_size
     data = SyntheticImages(50_000, setup.input_shape, batch_size=batch)  # CIFAR-10 size, uint8
     data.setup()
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
@@ -626,7 +639,8 @@ def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}; torch {result['torch']}, lightning {result['lightning']}.", ""]
     for table in result.get("steps", []):
         lines += [
-            f"**{table['setup']}**, batch {table['batch_size']}, 10-step l_inf TRADES attack, "
+            f"**{table['setup']}**, batch {table['batch_size']}, "
+            f"{table.get('attack_steps', 10)}-step l_inf TRADES attack, "
             f"{table['flops_per_step'] / 1e9:.1f} GFLOP per step (all passes):",
             "",
             "| configuration | step ms (median) | images/s | TFLOP/s | of peak bf16 | outside-step share "
@@ -695,6 +709,9 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", choices=["steps", "classes", "data", "ddp"], default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the set-up's")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration and round")
+    parser.add_argument(
+        "--attack-steps", type=int, default=None, help="steps of the training attack (default: the set-up's, 10)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s of the device")
