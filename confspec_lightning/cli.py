@@ -257,6 +257,18 @@ def _named_in_full(error: BaseException) -> str:
     return message
 
 
+def close_process_group() -> None:
+    """Destroy the ``torch.distributed`` process group a finished DDP run leaves open.
+
+    Lightning does not; left to the interpreter's exit, gloo's threads can be destroyed while still joinable
+    (``terminate called without an active exception``, SIGABRT): torchrun then reports a finished run as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``confspec`` and ``python -m confspec_lightning``.
 
@@ -272,6 +284,7 @@ def main(args: list[str] | None = None) -> None:
         if args is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
             sys.argv[1:] = argv
         build_cli(None if args is None else argv)
+        close_process_group()
     except Exception as error:
         root = None if debug else errors.user_error(error)
         if root is None:

@@ -54,3 +54,9 @@ def trained_model(tiny_model, digits_batch):
     tiny_model.zero_grad(set_to_none=True)
     tiny_model.eval()
     return tiny_model
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests (real processes, training runs) first: two xdist workers then share the long ones
+    and finish together on the many short ones."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

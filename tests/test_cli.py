@@ -70,7 +70,13 @@ def config_overrides(name: str, tmp) -> list[str]:
     raise AssertionError(f"no test overrides for the shipped config {name}")
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def _config_param(config):
+    """A shipped config as a test parameter: the CIFAR-10 and Tiny-ImageNet ones (real data, ResNets) are slow."""
+    name = config.relative_to(ROOT / "configs").as_posix()
+    return pytest.param(config, id=name, marks=() if name.startswith("digits/") else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("config", [_config_param(c) for c in CONFIGS])
 def test_every_config_fast_dev_run(config, chdir_tmp):
     name = config.relative_to(ROOT / "configs").as_posix()
     overrides = config_overrides(name, chdir_tmp)

@@ -17,6 +17,7 @@ from helpers import CLI_QUICK, ROOT, assert_one_paragraph, run_confspec
 
 
 # ---------------------------------------------------------------------------------- product gaps
+@pytest.mark.slow
 def test_predict_writes_a_csv_in_the_run_directory(tmp_path):
     assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     proc = run_confspec(
@@ -32,6 +33,7 @@ def test_predict_writes_a_csv_in_the_run_directory(tmp_path):
     assert all(0 <= int(r["clean"]) < 10 and 0 <= int(r["adversarial"]) < 10 for r in rows)
 
 
+@pytest.mark.slow
 def test_recipes_by_name_version_fast_and_quiet(tmp_path):
     proc = run_confspec("fit", "--config", "digits/trades_csr", *CLI_QUICK, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,6 +77,7 @@ def test_the_wheel_ships_the_recipes_and_the_license(tmp_path):
     assert "deprecated" not in proc.stderr.lower()
 
 
+@pytest.mark.slow
 def test_classwise_json_is_written_with_the_full_table(tmp_path):
     assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     report = json.loads(next((tmp_path / "runs").glob("*/version_0/classwise_val.json")).read_text())
@@ -83,6 +86,7 @@ def test_classwise_json_is_written_with_the_full_table(tmp_path):
     assert len(robust["confusion"]) == 10 and report["history"][0]["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_progress_where_users_wait(tmp_path):
     """The CSR epoch pass gets its own bar; `confspec test` reports AutoAttack per attack and test batch."""
     progress = [

@@ -33,6 +33,7 @@ def test_a_rejected_value_is_one_line_with_exit_code_2(args, fragments, tmp_path
     assert_one_paragraph(proc, *fragments)
 
 
+@pytest.mark.slow
 def test_csr_alpha_unknown_class_path_and_yaml_key(tmp_path):
     (tmp_path / "alpha.yaml").write_text(
         "model:\n  init_args:\n    fairness:\n      - class_path: confspec_lightning.fairness.CSR\n"
@@ -57,6 +58,7 @@ def test_csr_alpha_unknown_class_path_and_yaml_key(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     # a real process: one line, exit status 2; with --debug (or CONFSPEC_DEBUG=1) the traceback
     proc = run_confspec("fit", "--config", "digits/trades", "--model.init_args.beta=-1", cwd=tmp_path)
@@ -69,6 +71,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_root_and_corrupt_archive(tmp_path):
     config = "cifar10/finetune_trades"
     assert_one_paragraph(

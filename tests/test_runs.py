@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 from helpers import CLI_QUICK, PGD_ONLY, run_confspec, run_confspec_in_process
 
 
 # ------------------------------------------------------------------------- runs named by --ckpt_path
+@pytest.mark.slow
 def test_best_and_last_resolve_within_the_named_run(tmp_path):
     assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     # a second run of the same name (what a second fit writes: version_1 with its own checkpoints)
@@ -37,6 +39,7 @@ def test_best_and_last_resolve_within_the_named_run(tmp_path):
     assert "version_0/checkpoints/best-epoch000.ckpt" in proc.stdout
 
 
+@pytest.mark.slow
 def test_fit_resume_continues_the_same_run(tmp_path):
     assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     proc = run_confspec(
