@@ -39,6 +39,9 @@ ROOT = HERE.parents[1]
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
 BUDGET_EXIT = 3
+#: confspec's exit status after a SIGTERM/SIGUSR1 (``confspec_lightning.checkpointing.PREEMPTION_EXIT_CODE``):
+#: last.ckpt saved, the run resumes; not imported, the runner stays free of torch.
+PREEMPTED_EXIT = 75
 
 LABELS = {
     "trades": "TRADES",
@@ -322,6 +325,9 @@ def confspec(args: list[str], log: Path, budget: Budget) -> float:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             raise BudgetExhausted from None
+    if code == PREEMPTED_EXIT:  # signalled from outside (a scheduler, a user): saved, resumed by the next call
+        print(f"confspec was stopped by a signal and saved its last.ckpt; see {log}", flush=True)
+        raise BudgetExhausted
     if code != 0:
         raise SystemExit(f"confspec {' '.join(args)} failed (exit {code}); see {log}")
     return time.perf_counter() - start

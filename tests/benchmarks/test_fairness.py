@@ -108,6 +108,25 @@ def test_table_reports_mean_and_std_over_seeds_and_median_time():
     assert row[-1] == "3.0 |"
 
 
+def test_a_signalled_run_is_resumable_not_failed(tmp_path, monkeypatch):
+    """confspec's preemption exit (75: last.ckpt saved) ends the chunk like a spent budget (the sweep goes on)."""
+    from confspec_lightning.checkpointing import PREEMPTION_EXIT_CODE
+
+    assert fairness_run.PREEMPTED_EXIT == PREEMPTION_EXIT_CODE
+    stopped = tmp_path / "stopped"  # stands in for the interpreter: a process that exits as a signalled fit does
+    stopped.write_text(f"#!/bin/sh\nexit {PREEMPTION_EXIT_CODE}\n")
+    stopped.chmod(0o755)
+    monkeypatch.setattr(fairness_run.sys, "executable", str(stopped))
+    with pytest.raises(fairness_run.BudgetExhausted):
+        fairness_run.confspec(["fit"], tmp_path / "log.txt", fairness_run.Budget(None))
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setattr(fairness_run.sys, "executable", str(failing))
+    with pytest.raises(SystemExit, match="failed \\(exit 1\\)"):
+        fairness_run.confspec(["fit"], tmp_path / "log.txt", fairness_run.Budget(None))
+
+
 def test_record_keeps_every_run_and_replaces_a_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(fairness_run, "HERE", tmp_path)
     monkeypatch.setattr(fairness_run, "RESULTS_JSON", tmp_path / "results.json")
