@@ -512,10 +512,12 @@ def tradeoff_figure(all_results: dict[str, list[dict]], protocol: str, path: Pat
 
     fig, ax = plt.subplots(figsize=(9, 6.5))
     groups = [(protocol, None)] + ([(reference, "grey")] if reference and all_results.get(reference) else [])
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: the protocol's methods
+    markers = ["o", "^", "v", "D", "P", "X", "<", ">", "*", "h"]  # the grey reference methods, told apart by shape
     for name, colour in groups:
         results = all_results[name]
         attack = attack_columns(results)[-1]
-        for method in PROTOCOLS[name].methods:
+        for index, method in enumerate(PROTOCOLS[name].methods):
             runs = [r["evaluation"]["attacks"][attack] for r in results if r["method"] == method]
             if not runs or (name != protocol and any(r["method"] == method for r in all_results[protocol])):
                 continue
@@ -526,10 +528,13 @@ def tradeoff_figure(all_results: dict[str, list[dict]], protocol: str, path: Pat
                 statistics.stdev(worst) if len(worst) > 1 else 0.0,
             )
             label = LABELS.get(method, method) + ("" if name == protocol else f" ({name})")
-            marker = "s" if method == "trades" else "o"
+            if colour is None:
+                marker, colour_of = ("s" if method == "trades" else "o"), palette[index % len(palette)]
+            else:
+                marker, colour_of = markers[index % len(markers)], colour
             ax.errorbar(
                 statistics.mean(avg), statistics.mean(worst), xerr=spread[0], yerr=spread[1], fmt=marker,
-                color=colour, alpha=0.6 if colour else 1.0, capsize=3, label=label,
+                color=colour_of, alpha=0.6 if colour else 1.0, capsize=3, label=label,
             )  # fmt: skip
     ax.set_xlabel(f"average {attack} accuracy (%)")
     ax.set_ylabel(f"worst-class {attack} accuracy (%)")
