@@ -47,6 +47,7 @@ def main() -> None:
         "machine": result.get("machine"),
         "epochs": result["epochs"],
         "fit_seconds": result["fit_seconds"],
+        "note": results.get("notes", {}).get("cifar10_pretrain"),
         "test_seconds": result["test_seconds"],
         "test": {
             name: {"avg": v["avg"], "worst": v["worst"], "worst_class": v.get("worst_class")}

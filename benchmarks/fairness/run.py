@@ -594,11 +594,17 @@ def write_report(
             table(results, spec.methods),
             "",
             *([notes[protocol], ""] if protocol in notes else []),
-            "Difference from TRADES (points; mean ± std of the per-seed differences over the seeds both methods "
-            "have run):",
-            "",
-            deltas(results, spec.methods),
-            "",
+            *(
+                [
+                    "Difference from TRADES (points; mean ± std of the per-seed differences over the seeds both "
+                    "methods have run):",
+                    "",
+                    deltas(results, spec.methods),
+                    "",
+                ]
+                if len(spec.methods) > 1
+                else []
+            ),
             f"![per-class robust accuracy]({figure_path.name})",
             "",
             *([f"![worst class vs average]({tradeoff.name})", ""] if tradeoff else []),
