@@ -48,27 +48,29 @@ def test_csr_alpha_unknown_class_path_and_yaml_key(tmp_path):
         "model:\n  init_args:\n    fairness:\n      - class_path: confspec_lightning.fairness.CSRR\n"
     )
     assert_one_paragraph(
-        run_confspec("fit", "--config", "digits/trades", "--config", "csrr.yaml", cwd=tmp_path),
+        run_confspec_in_process("fit", "--config", "digits/trades", "--config", "csrr.yaml", cwd=tmp_path),
         "'confspec_lightning.fairness.CSRR' is not accepted",
         "did you mean 'confspec_lightning.fairness.CSR'",
     )
     (tmp_path / "key.yaml").write_text("moddel:\n  init_args: {beta: 1}\n")
     assert_one_paragraph(
-        run_confspec("fit", "--config", "digits/trades", "--config", "key.yaml", cwd=tmp_path), "moddel", "'model"
+        run_confspec_in_process("fit", "--config", "digits/trades", "--config", "key.yaml", cwd=tmp_path),
+        "moddel",
+        "'model",
     )
 
 
 @pytest.mark.slow
-def test_debug_shows_the_traceback(tmp_path):
-    # a real process: one line, exit status 2; with --debug (or CONFSPEC_DEBUG=1) the traceback
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    # a real process: one line, exit status 2; with --debug (or CONFSPEC_DEBUG=1) the traceback (in-process)
     proc = run_confspec("fit", "--config", "digits/trades", "--model.init_args.beta=-1", cwd=tmp_path)
     assert_one_paragraph(proc, "model.beta=-1.0 is not accepted", ">= 0")
-    proc = run_confspec("fit", "--config", "digits/trades", "--model.init_args.beta=-1", "--debug", cwd=tmp_path)
+    args = ("fit", "--config", "digits/trades", "--model.init_args.beta=-1")
+    proc = run_confspec_in_process(*args, "--debug", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "beta=-1.0 is not accepted" in proc.stderr
-    proc = run_confspec(
-        "fit", "--config", "digits/trades", "--model.init_args.beta=-1", cwd=tmp_path, env={"CONFSPEC_DEBUG": "1"}
-    )
-    assert "Traceback" in proc.stderr
+    monkeypatch.setenv("CONFSPEC_DEBUG", "1")
+    proc = run_confspec_in_process(*args, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from helpers import CLI_QUICK, PGD_ONLY, run_confspec, run_confspec_in_process
 # ------------------------------------------------------------------------- runs named by --ckpt_path
 @pytest.mark.slow
 def test_best_and_last_resolve_within_the_named_run(tmp_path):
-    assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    assert run_confspec_in_process("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     # a second run of the same name (what a second fit writes: version_1 with its own checkpoints)
     shutil.copytree(tmp_path / "runs/digits_trades/version_0", tmp_path / "runs/digits_trades/version_1")
     proc = run_confspec("test", "--config", "digits/trades", *CLI_QUICK, "--ckpt_path=best", cwd=tmp_path)
@@ -41,7 +41,7 @@ def test_best_and_last_resolve_within_the_named_run(tmp_path):
 
 @pytest.mark.slow
 def test_fit_resume_continues_the_same_run(tmp_path):
-    assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    assert run_confspec_in_process("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
     proc = run_confspec(
         "fit", "--config", "digits/trades", *CLI_QUICK, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=tmp_path
     )
