@@ -40,7 +40,8 @@ RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
 BUDGET_EXIT = 3
 #: confspec's exit status after a SIGTERM/SIGUSR1 (``confspec_lightning.checkpointing.PREEMPTION_EXIT_CODE``):
-#: last.ckpt saved, the run resumes; not imported, the runner stays free of torch.
+#: last.ckpt saved, the run resumes. Not imported: that module imports Lightning (~6 s at every runner start);
+#: tests/benchmarks/test_fairness.py checks that the two agree.
 PREEMPTED_EXIT = 75
 
 LABELS = {
