@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -134,6 +135,29 @@ def synced_states(metric: Metric) -> dict[str, Tensor]:
     """Copies of every state of ``metric`` reduced over all DDP ranks (a collective: call it on every rank)."""
     with metric.sync_context(should_sync=metric.sync_on_compute, should_unsync=True):
         return {name: getattr(metric, name).clone() for name in metric._defaults}
+
+
+def save_global_states(metrics: Iterable[tuple[str, Metric]], state_dict: dict[str, Tensor]) -> None:
+    """Write every metric's states, summed over all DDP ranks, into ``state_dict`` as ``<name>.<state>``.
+
+    A collective: call it on every rank.
+    Metric states are per rank; the checkpoint holds their global sum, and :func:`load_global_states` lets
+    only rank 0 keep it (the others start from zero), so the synced sum is the same after a resume,
+    whatever the number of processes.
+    """
+    for name, metric in metrics:
+        for key, value in synced_states(metric).items():
+            state_dict[f"{name}.{key}"] = value.detach().cpu()
+
+
+def load_global_states(metrics: Iterable[tuple[str, Metric]], state_dict: dict[str, Tensor], rank: int) -> None:
+    """The other half of :func:`save_global_states`: on ranks other than 0, zero the metrics' stored states."""
+    if rank == 0:
+        return
+    for name, metric in metrics:
+        for key in metric._defaults:
+            if f"{name}.{key}" in state_dict:
+                state_dict[f"{name}.{key}"] = torch.zeros_like(state_dict[f"{name}.{key}"])
 
 
 class ClassProbabilityMatrix(_StatisticsMetric):

@@ -24,40 +24,31 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from confspec_lightning import functional as CF
-from confspec_lightning.attacks import PGD, Attack, AttackConfig, EvalAttackConfig, TrainAttackConfig, eval_mode
+from confspec_lightning.attacks import PGD, Attack, EvalAttackConfig, TrainAttackConfig, eval_mode
 from confspec_lightning.evaluation.evaluator import Evaluator
 from confspec_lightning.fairness import passes
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.stack import FairnessStack
-from confspec_lightning.metrics import RobustConfusionMatrix, synced_states
+from confspec_lightning.metrics import RobustConfusionMatrix, load_global_states, save_global_states
 from confspec_lightning.models.normalize import Normalize
 from confspec_lightning.models.weights import load_backbone_weights, load_error, raised_by_torch_load
 from confspec_lightning.numerics import NonFiniteGuard
 from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
-from confspec_lightning.validation import check_bool, check_choice, check_int, check_numbers
+from confspec_lightning.validation import (
+    check_bool,
+    check_choice,
+    check_compile_backend,
+    check_int,
+    check_normalization,
+    check_num_classes,
+)
 
 try:  # set by LightningCLI while it instantiates the module (hyperparameters come from the config)
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 except ImportError:  # pragma: no cover - older/newer Lightning
     _given_hyperparameters = None
 
-#: Upper bound of num_classes: a typo such as 1e9 would otherwise try to allocate K x K statistics.
-MAX_NUM_CLASSES = 100_000
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-
-
-def _attack_config(name: str, value: AttackConfig | dict[str, Any], kind: type[AttackConfig]) -> AttackConfig:
-    """Accept an AttackConfig or a dict of its fields (as stored in checkpoints' hyperparameters)."""
-    if isinstance(value, dict):
-        try:
-            return kind(**value)
-        except TypeError as error:
-            raise ValueError(
-                f"{name}={value!r} is not accepted; its fields are norm, eps, step, steps, random_start ({error})."
-            ) from error
-    if not isinstance(value, AttackConfig):
-        raise TypeError(f"{name}={value!r} is not accepted; it must be an AttackConfig or a dict of its fields.")
-    return value
 
 
 class RobustFairLitModule(pl.LightningModule):
@@ -130,28 +121,15 @@ class RobustFairLitModule(pl.LightningModule):
         compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_NUM_CLASSES:
-            raise ValueError(
-                f"num_classes={num_classes!r} is not accepted; it must be an integer in [2, {MAX_NUM_CLASSES}] "
-                "(per-class state and the K x K confusion statistics grow with it)."
-            )
+        check_num_classes(num_classes)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module; got {type(backbone).__name__}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}.")
-        train_attack = _attack_config("train_attack", train_attack, TrainAttackConfig)
-        eval_attack = _attack_config("eval_attack", eval_attack, EvalAttackConfig)
+        train_attack = TrainAttackConfig.coerce("train_attack", train_attack)
+        eval_attack = EvalAttackConfig.coerce("eval_attack", eval_attack)
         check_int("eval_seed", eval_seed, 0)
-        for name, values, positive in (("input_mean", input_mean, False), ("input_std", input_std, True)):
-            if values is not None:
-                check_numbers(name, values, positive)
-        if (input_mean is None) != (input_std is None) or (
-            input_mean is not None and input_std is not None and len(input_mean) != len(input_std)
-        ):
-            raise ValueError(
-                f"input_mean={input_mean!r} and input_std={input_std!r} are not accepted; give both, with one entry "
-                "per channel each (the same length), or neither."
-            )
+        check_normalization(input_mean, input_std)
         via_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
         components = ["backbone", "fairness", "optimizer", "scheduler", "test_attacks", "evaluator"]
         self.save_hyperparameters(ignore=[] if via_cli else components)
@@ -187,11 +165,8 @@ class RobustFairLitModule(pl.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if compile and compile_backend not in torch.compiler.list_backends(exclude_tags=()):
-            raise ValueError(
-                f"compile_backend={compile_backend!r} is not accepted; choose one of "
-                f"{', '.join(map(repr, torch.compiler.list_backends(exclude_tags=())))}."
-            )
+        if compile:
+            check_compile_backend(compile_backend)
         self.compile_mode: CompileMode | None = compile_mode if compile else None
         self.compile_backend = compile_backend
         # the training-set robust confusion, from the adversarial predictions training makes (free); its
@@ -423,16 +398,8 @@ class RobustFairLitModule(pl.LightningModule):
                 yield name, module
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the persistent metric states (confusion statistics) summed over all ranks (runs on every rank).
-
-        Metric states are per rank; the checkpoint holds their global sum, and on loading only rank 0
-        keeps it (the others start from zero), so the synced sum is the same after a resume, whatever
-        the number of processes.
-        """
-        state = checkpoint["state_dict"]
-        for name, metric in self._persistent_metrics():
-            for key, value in synced_states(metric).items():
-                state[f"{name}.{key}"] = value.detach().cpu()
+        """Store the persistent metric states summed over all ranks (on every rank; ``save_global_states``)."""
+        save_global_states(self._persistent_metrics(), checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_epoch = checkpoint.get("epoch")  # validate/test report the checkpoint's epoch
@@ -447,9 +414,4 @@ class RobustFairLitModule(pl.LightningModule):
             rank = self.trainer.global_rank
         except RuntimeError:  # not attached to a Trainer (load_from_checkpoint)
             return
-        if rank == 0:
-            return
-        for name, metric in self._persistent_metrics():
-            for key in metric._defaults:
-                if f"{name}.{key}" in state:
-                    state[f"{name}.{key}"] = torch.zeros_like(state[f"{name}.{key}"])
+        load_global_states(self._persistent_metrics(), state, rank)

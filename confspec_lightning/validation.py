@@ -90,3 +90,35 @@ def check_labels(name: str, labels: object, num_classes: int) -> None:
             raise ValueError(
                 f"{name} holds the class index {bad!r}, outside [0, num_classes={num_classes}) (values {low}..{high})."
             )
+
+
+#: Upper bound of num_classes: a typo such as 1e9 would otherwise try to allocate K x K statistics.
+MAX_NUM_CLASSES = 100_000
+
+
+def check_num_classes(num_classes: object) -> None:
+    """An integer K in [2, :data:`MAX_NUM_CLASSES`] (per-class state and K x K statistics grow with it)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_NUM_CLASSES:
+        raise ValueError(
+            f"num_classes={num_classes!r} is not accepted; it must be an integer in [2, {MAX_NUM_CLASSES}] "
+            "(per-class state and the K x K confusion statistics grow with it)."
+        )
+
+
+def check_normalization(mean: object, std: object) -> None:
+    """Per-channel ``input_mean`` and ``input_std`` (> 0): both with one entry per channel, or neither."""
+    for name, values, positive in (("input_mean", mean, False), ("input_std", std, True)):
+        if values is not None:
+            check_numbers(name, values, positive)
+    if (mean is None) != (std is None) or (mean is not None and len(mean) != len(std)):  # type: ignore[arg-type]
+        raise ValueError(
+            f"input_mean={mean!r} and input_std={std!r} are not accepted; give both, with one entry "
+            "per channel each (the same length), or neither."
+        )
+
+
+def check_compile_backend(backend: object) -> None:
+    """A ``torch.compile`` backend this torch knows (``torch.compiler.list_backends``)."""
+    known = torch.compiler.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"compile_backend={backend!r} is not accepted; choose one of {', '.join(map(repr, known))}.")

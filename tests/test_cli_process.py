@@ -20,6 +20,11 @@ from helpers import CLI_QUICK, ROOT, assert_one_paragraph, run_confspec
 @pytest.mark.slow
 def test_predict_writes_a_csv_in_the_run_directory(tmp_path):
     assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    # the fit's per-class validation report, with the full table
+    report = json.loads(next((tmp_path / "runs").glob("*/version_0/classwise_val.json")).read_text())
+    robust = report["attacks"][report["robust_attack"]]
+    assert len(robust["classwise_acc"]) == 10 and len(report["attacks"]["clean"]["classwise_acc"]) == 10
+    assert len(robust["confusion"]) == 10 and report["history"][0]["epoch"] == 0
     proc = run_confspec(
         "predict", "--config", "digits/trades", *CLI_QUICK, "--ckpt_path=last", "--trainer.logger.init_args.version=0",
         cwd=tmp_path,
@@ -34,11 +39,9 @@ def test_predict_writes_a_csv_in_the_run_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_recipes_by_name_version_fast_and_quiet(tmp_path):
-    proc = run_confspec("fit", "--config", "digits/trades_csr", *CLI_QUICK, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for noise in ("litlogger", "litmodels", "LeafSpec", "`weights_only` was not set", "dirpath"):
-        assert noise not in proc.stderr + proc.stdout, noise
+def test_recipes_by_name_and_version_without_torch(tmp_path):
+    """A mistyped recipe name is one line naming the closest recipe (a recipe by name runs in
+    ``test_progress_where_users_wait``)."""
     assert_one_paragraph(
         run_confspec("fit", "--config", "digits/trades_cs", cwd=tmp_path),
         "neither a file nor a shipped recipe",
@@ -78,26 +81,20 @@ def test_the_wheel_ships_the_recipes_and_the_license(tmp_path):
 
 
 @pytest.mark.slow
-def test_classwise_json_is_written_with_the_full_table(tmp_path):
-    assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
-    report = json.loads(next((tmp_path / "runs").glob("*/version_0/classwise_val.json")).read_text())
-    robust = report["attacks"][report["robust_attack"]]
-    assert len(robust["classwise_acc"]) == 10 and len(report["attacks"]["clean"]["classwise_acc"]) == 10
-    assert len(robust["confusion"]) == 10 and report["history"][0]["epoch"] == 0
-
-
-@pytest.mark.slow
 def test_progress_where_users_wait(tmp_path):
-    """The CSR epoch pass gets its own bar; `confspec test` reports AutoAttack per attack and test batch."""
+    """The CSR epoch pass gets its own bar, without library noise; `confspec test` reports AutoAttack per
+    attack and test batch."""
     progress = [
         "--trainer.enable_progress_bar=true",
         "--trainer.limit_test_batches=1",
         "--data.init_args.eval_batch_size=16",
     ]
     args = ["--config", "digits/trades_csr", *CLI_QUICK, *progress]
-    proc = run_confspec("fit", *args, cwd=tmp_path)
+    proc = run_confspec("fit", *args, cwd=tmp_path)  # a shipped recipe by name
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 0: attack pass (train)" in proc.stderr
+    for noise in ("litlogger", "litmodels", "LeafSpec", "`weights_only` was not set", "dirpath"):
+        assert noise not in proc.stderr + proc.stdout, noise  # quiet: the progress bars and our lines only
     attacks = [
         "--config",
         str(ROOT / "tests/quick_attacks.yaml"),

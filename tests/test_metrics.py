@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from confspec_lightning import functional as CF
-from confspec_lightning.metrics import RobustConfusionMatrix
+from confspec_lightning.metrics import RobustConfusionMatrix, load_global_states, save_global_states
 
 
 def test_metric_accumulates_like_the_functional():
@@ -55,3 +55,18 @@ def test_bad_arguments_are_named():
         RobustConfusionMatrix(3, gamma=1.5)
     with pytest.raises(ValueError, match=r"shape \(batch, num_classes=3\)"):
         RobustConfusionMatrix(3).update(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_global_states_in_a_checkpoint_are_kept_by_rank_zero_only():
+    metric = RobustConfusionMatrix(3)
+    metric.update(torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]]), torch.tensor([0, 0]))
+    state: dict[str, torch.Tensor] = {}
+    save_global_states([("train_confusion", metric)], state)  # one process: the global sum is its own
+    assert set(state) == {f"train_confusion.{key}" for key in metric._defaults}
+    errors = state["train_confusion.errors"]
+    assert errors.device.type == "cpu" and errors[1, 0] == 1 and errors[0, 0] == 0 and errors.sum() == 1
+    for rank, kept in ((0, True), (1, False)):
+        loaded = dict(state)
+        load_global_states([("train_confusion", metric)], loaded, rank)
+        for key, value in loaded.items():
+            assert torch.equal(value, state[key] if kept else torch.zeros_like(state[key])), (rank, key)

@@ -613,7 +613,8 @@ def write_report(
     RESULTS_MD.write_text("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv``: its arguments; default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default="digits")
     parser.add_argument("--methods", nargs="+", default=None, help="default: the protocol's list")
@@ -628,7 +629,7 @@ def main() -> None:
         help="one more confspec argument for every run (smoke tests; "
         "repeatable), e.g. --extra=--trainer.max_epochs=1; such runs are not written to results.json",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     spec = PROTOCOLS[args.protocol]
     for method in args.methods or []:
         if method not in LABELS:

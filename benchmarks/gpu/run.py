@@ -32,6 +32,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
+#: The fine-tuning runs compared from the pretrained model: TRADES continued (the control) and TRADES + CSR.
+FINETUNE_METHODS = ("finetune_trades", "finetune_trades_csr")
+
+
 class Deadline:
     """The whole run's time budget: a step gets its own limit or what is left, whichever is less."""
 
@@ -118,7 +122,7 @@ def finetune_commands(args: argparse.Namespace, out: Path) -> list[tuple[str, li
         ("pretrain_fit", confspec("fit", *pretrain)),
         ("pretrain_test", confspec("test", *pretrain, f"--ckpt_path={weights}")),
     ]
-    for method in ("finetune_trades", "finetune_trades_csr"):
+    for method in args.finetune_methods:
         finetune = [
             "--config",
             str(ROOT / f"configs/cifar10/{method}.yaml"),
@@ -176,6 +180,13 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together")
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument(
+        "--finetune-methods",
+        nargs="+",
+        default=list(FINETUNE_METHODS),
+        choices=FINETUNE_METHODS,
+        help="the fine-tuning configs (configs/cifar10/<name>.yaml) compared from the pretrained model",
+    )
     parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=200)
     parser.add_argument("--smoke", action="store_true", help="tiny settings on the CPU (a dry run)")

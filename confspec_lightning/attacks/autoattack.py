@@ -136,6 +136,7 @@ def autoattack_predictions(
     seed: int = 0,
     log_path: str | None = None,
     progress: Callable[[str], None] | None = None,
+    n_iter: int | None = None,
 ) -> Tensor:
     """Predictions of ``model`` on AutoAttack's adversarial examples of ``(x, y)``.
 
@@ -159,6 +160,8 @@ def autoattack_predictions(
         log_path: if given, pyautoattack's log is appended to this file; otherwise it prints nothing.
             Its warnings (e.g. "it seems to be a randomized defense") are always issued as ``RuntimeWarning``.
         progress: called with each progress message (attack started, chunk done, robust accuracy after it).
+        n_iter: iterations per restart of APGD (CE, DLR, targeted) and FAB; ``None`` keeps AutoAttack's 100.
+            Fewer make a weaker attack, for quick pipeline checks only (Square keeps its 5000 queries).
 
     Returns:
         int64 predictions (B,) on the device of ``x``.
@@ -171,6 +174,8 @@ def autoattack_predictions(
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x; got {tuple(y.shape)}.")
     check_real("eps", eps, lambda v: v > 0, "> 0 (pixel units, e.g. 8/255)")
     check_int("batch_size", batch_size, 1)
+    if n_iter is not None:
+        check_int("autoattack.n_iter", n_iter, 1)
 
     from pyautoattack import AutoAttack  # imported on first use: it is slow to import
 
@@ -188,6 +193,9 @@ def autoattack_predictions(
             seed=seed,
             device=device,
         )
+        if n_iter is not None:
+            for part in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
+                part.n_iter = n_iter
         _, predictions = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     return predictions.detach().to(dtype=torch.long)
 
@@ -198,18 +206,29 @@ class AutoAttack(Attack):
     Args:
         version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square: the headline robustness number) or ``"custom"``.
         attacks: the parts of the ``"custom"`` version, run in order (e.g. ``["apgd-ce", "apgd-t"]``).
+        n_iter: iterations per restart of APGD and FAB; ``None`` (default) keeps AutoAttack's 100. Fewer make a
+            weaker attack: for quick pipeline checks only; reports name it.
     """
 
     name = "autoattack"
 
-    def __init__(self, version: AutoAttackVersion = "standard", attacks: list[AutoAttackPart] | None = None) -> None:
+    def __init__(
+        self,
+        version: AutoAttackVersion = "standard",
+        attacks: list[AutoAttackPart] | None = None,
+        n_iter: int | None = None,
+    ) -> None:
         check_autoattack_options(version, attacks)
+        if n_iter is not None:
+            check_int("autoattack.n_iter", n_iter, 1)
         self.version = version
         self.attacks = list(attacks) if attacks is not None else None
+        self.n_iter = n_iter
 
     def describe(self) -> str:
-        """E.g. ``standard`` or ``custom ['apgd-ce', 'apgd-t']`` (for report settings)."""
-        return f"{self.version} {self.attacks or ''}".strip()
+        """E.g. ``standard``, ``custom ['apgd-ce', 'apgd-t']`` or ``standard n_iter=5`` (for report settings)."""
+        iterations = f" n_iter={self.n_iter}" if self.n_iter is not None else ""
+        return f"{self.version} {self.attacks or ''}".strip() + iterations
 
     def predictions(self, model, x, target, *, threat: AttackConfig, generator=None, seed=0, progress=None) -> Tensor:
         return autoattack_predictions(
@@ -223,4 +242,5 @@ class AutoAttack(Attack):
             batch_size=x.shape[0],
             seed=seed,
             progress=progress,
+            n_iter=self.n_iter,
         )

@@ -37,6 +37,20 @@ class AttackConfig:
     steps: int = 10
     random_start: bool = True
 
+    @classmethod
+    def coerce(cls, name: str, value: AttackConfig | dict) -> AttackConfig:
+        """``value`` as a ``cls``: an AttackConfig, or a dict of its fields (as checkpoints store it)."""
+        if isinstance(value, dict):
+            try:
+                return cls(**value)
+            except TypeError as error:
+                raise ValueError(
+                    f"{name}={value!r} is not accepted; its fields are norm, eps, step, steps, random_start ({error})."
+                ) from error
+        if not isinstance(value, AttackConfig):
+            raise TypeError(f"{name}={value!r} is not accepted; it must be an AttackConfig or a dict of its fields.")
+        return value
+
     def __post_init__(self) -> None:
         name = self.field_name
         check_choice(f"{name}.norm", self.norm, Norm)

@@ -136,6 +136,22 @@ def load_split_arrays(path: str | os.PathLike[str], split: str | None) -> tuple[
     return jpeg, offsets.astype(np.int64, copy=False), labels.astype(np.int64, copy=False)
 
 
+def load_split_labels(path: str | os.PathLike[str], split: str | None) -> np.ndarray:
+    """The int64 labels of ``split`` alone (its JPEG bytes are not read): enough to choose a subset.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_arrays`; a labels array that is not 1-D integer
+            or holds a negative label.
+    """
+    labels_key = split_keys(split)[2]
+    labels = load_arrays(path, [labels_key])[labels_key]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: {labels_key!r} must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"{path}: {labels_key!r} holds a negative label {int(labels.min())}.")
+    return labels.astype(np.int64, copy=False)
+
+
 def decode_image(data: bytes | str | os.PathLike[str], source: str) -> np.ndarray:
     """One image (JPEG bytes or a file path) as uint8 (H, W, 3) RGB; errors name ``source``."""
     try:

@@ -26,7 +26,7 @@ A subclass provides the images of each split as in-memory tensors (``uint8`` (N,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -225,48 +225,82 @@ class ClassificationDataModule(pl.LightningDataModule):
         self._device_train: tuple[Tensor, Tensor, Tensor] | None = None  # (host images, device images, labels)
 
     # ----------------------------------------------------------- for subclasses
-    def load_split(self, split: str) -> tuple[Tensor, Tensor]:
+    def load_split(self, split: str, indices: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
         """Images (N, C, H, W) (uint8, or float in [0, 1]) and int64 labels of one split.
 
-        Splits: ``"train"``, ``"test"``, and ``"val"`` where :meth:`has_own_val` is true.
+        Splits: ``"train"``, ``"test"``, and ``"val"`` where :meth:`has_own_val` is true. ``indices``
+        (sorted, unique) asks for those images only; :meth:`setup` passes it only to subclasses whose
+        :meth:`split_labels` returns the labels.
         """
         raise NotImplementedError
+
+    def split_labels(self, split: str) -> np.ndarray | None:
+        """The int64 labels of ``split`` read without its images, where the source allows it (an archive).
+
+        Then :meth:`setup` chooses its subsets on the labels and decodes only the images they use
+        (``load_split(split, indices)``): a run on 2 images per class decodes 2 per class. ``None``
+        (the default): :meth:`setup` loads whole splits and selects in memory.
+        """
+        return None
 
     def has_own_val(self) -> bool:
         """Whether the data set has its own validation split (used when ``val_per_class`` is None)."""
         return False
 
     # ------------------------------------------------------------------ splits
+    def _split_source(self, split: str) -> tuple[np.ndarray, Callable[[np.ndarray | None], tuple[Tensor, Tensor]]]:
+        """The labels of ``split`` and ``take``: ``take(indices)`` loads the images and labels there.
+
+        ``indices`` are sorted (``None``: all); only those images are decoded where :meth:`split_labels` allows it.
+        """
+        labels = self.split_labels(split)
+        if labels is not None:
+            return labels, lambda idx: self.load_split(split, idx) if idx is not None else self.load_split(split)
+        x, y = self.load_split(split)
+
+        def take(idx: np.ndarray | None) -> tuple[Tensor, Tensor]:
+            return (x, y) if idx is None else (x[torch.from_numpy(idx)], y[torch.from_numpy(idx)])
+
+        return y.numpy(), take
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        train_x, train_y = self.load_split("train")
+        # the subsets of train, as indices into it: chosen on the labels, so only their images are loaded
+        train_labels, take_train = self._split_source("train")
+        parts: dict[str, np.ndarray] = {}
+        remaining = np.arange(len(train_labels))
         if self.val_per_class is not None:
-            val_idx = stratified_indices(train_y.numpy(), self.val_per_class, self.seed, "data.val_per_class")
-            keep = np.ones(len(train_y), dtype=bool)
-            keep[val_idx] = False
-            self.splits["val"] = TensorDataset(train_x[torch.from_numpy(val_idx)], train_y[torch.from_numpy(val_idx)])
-            train_x, train_y = train_x[torch.from_numpy(keep)], train_y[torch.from_numpy(keep)]
-        elif self.has_own_val():
-            self.splits["val"] = TensorDataset(*self.load_split("val"))
-        test_x, test_y = self.load_split("test")
-        if self.test_per_class is not None:
-            idx = stratified_indices(test_y.numpy(), self.test_per_class, self.seed + 2, "data.test_per_class")
-            idx = torch.from_numpy(idx)
-            test_x, test_y = test_x[idx], test_y[idx]
-        self.splits["test"] = TensorDataset(test_x, test_y)
-        self.splits.setdefault("val", self.splits["test"])
+            parts["val"] = stratified_indices(train_labels, self.val_per_class, self.seed, "data.val_per_class")
+            remaining = np.setdiff1d(remaining, parts["val"])
         if self.train_per_class is not None:
-            idx = stratified_indices(train_y.numpy(), self.train_per_class, self.seed + 3, "data.train_per_class")
-            idx = torch.from_numpy(idx)
-            train_x, train_y = train_x[idx], train_y[idx]
-        self.splits["train"] = TensorDataset(train_x, train_y)
+            remaining = remaining[
+                stratified_indices(train_labels[remaining], self.train_per_class, self.seed + 3, "data.train_per_class")
+            ]
+        parts["train"] = remaining
         if self.train_eval_per_class > 0:
-            idx = stratified_indices(
-                train_y.numpy(), self.train_eval_per_class, self.seed + 1, "data.train_eval_per_class"
-            )
-            idx = torch.from_numpy(idx)
-            self.splits["train_eval"] = TensorDataset(train_x[idx], train_y[idx])
+            parts["train_eval"] = remaining[
+                stratified_indices(
+                    train_labels[remaining], self.train_eval_per_class, self.seed + 1, "data.train_eval_per_class"
+                )
+            ]
+        needed = np.unique(np.concatenate(list(parts.values())))
+        whole = len(needed) == len(train_labels)
+        train_x, train_y = take_train(None if whole else needed)
+        for name, idx in parts.items():
+            if len(idx) == len(train_y):  # the whole of what was loaded (sorted, unique): no copy
+                self.splits[name] = TensorDataset(train_x, train_y)
+            else:
+                position = torch.from_numpy(idx if whole else np.searchsorted(needed, idx))
+                self.splits[name] = TensorDataset(train_x[position], train_y[position])
+        if "val" not in self.splits and self.has_own_val():
+            self.splits["val"] = TensorDataset(*self.load_split("val"))
+        test_labels, take_test = self._split_source("test")
+        test_idx = None
+        if self.test_per_class is not None:
+            test_idx = stratified_indices(test_labels, self.test_per_class, self.seed + 2, "data.test_per_class")
+        self.splits["test"] = TensorDataset(*take_test(test_idx))
+        self.splits.setdefault("val", self.splits["test"])
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, split: str, batch_size: int) -> DataLoader:

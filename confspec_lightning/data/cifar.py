@@ -143,11 +143,14 @@ class _TorchvisionCIFAR(ClassificationDataModule):
             raise ValueError(f"{source}: images of shape {images.shape[1:]}; expected {self.input_shape}.")
         if len(labels) != len(images):
             raise ValueError(f"{source}: {len(labels)} labels for {len(images)} images.")
+        self._check_labels(labels, source)
+        return torch.from_numpy(images), torch.from_numpy(labels)
+
+    def _check_labels(self, labels: np.ndarray, source: str) -> None:
         if len(labels) and not 0 <= labels.min() <= labels.max() < self.num_classes:
             raise ValueError(
                 f"{source}: labels in [{labels.min()}, {labels.max()}]; expected labels in [0, {self.num_classes})."
             )
-        return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 class CIFAR10DataModule(_TorchvisionCIFAR):
@@ -226,11 +229,25 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
     def _uses_torchvision(self) -> bool:
         return self.source == "torchvision"
 
-    def load_split(self, split: str) -> tuple[Tensor, Tensor]:
+    def split_labels(self, split: str) -> np.ndarray | None:
+        """The archive's labels of ``split``, so :meth:`setup` decodes only the images it keeps.
+
+        ``None`` for torchvision's pickles (read whole).
+        """
+        check_choice("split", split, Split)
+        if self.archive_path is None:
+            return None
+        labels = archive.load_split_labels(self.archive_path, split)
+        self._check_labels(labels, f"{self.archive_path}[{split}]")
+        return labels
+
+    def load_split(self, split: str, indices: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
         check_choice("split", split, Split)
         if self.archive_path is not None:
-            images, labels = archive.decode_archive(self.archive_path, split)
+            images, labels = archive.decode_archive(self.archive_path, split, indices)
             return self._checked(images, labels, f"{self.archive_path}[{split}]")
+        if indices is not None:
+            raise ValueError("indices apply to the JPEG archive only (torchvision's pickles are read whole).")
         return self._checked(*self._load_torchvision(split), str(self.torchvision_dir))
 
 

@@ -128,12 +128,31 @@ class TinyImageNetDataModule(ClassificationDataModule):
         return [table.get(wnid) or wnid for wnid in self.wnids]
 
     # ------------------------------------------------------------- splits
-    def load_split(self, split: str) -> tuple[Tensor, Tensor]:
+    def _archive_path(self, split: str) -> Path:
+        return self.root / (TIN_TRAIN_ARCHIVE if split == "train" else TIN_VAL_ARCHIVE)
+
+    def split_labels(self, split: str) -> np.ndarray | None:
+        """The archive's labels of ``split``, so :meth:`setup` decodes only the images it keeps.
+
+        ``None`` for the folder layout (decoded whole).
+        """
+        check_choice("split", split, Split)
+        if self.source != "archive":
+            return None
+        path = self._archive_path(split)
+        labels = archive.load_split_labels(path, None)
+        if len(labels) and labels.max() >= self.num_classes:
+            raise ValueError(f"{path}: label {labels.max()} out of range for {self.num_classes} wnids.")
+        return labels
+
+    def load_split(self, split: str, indices: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
         check_choice("split", split, Split)
         if self.source == "archive":
-            path = self.root / (TIN_TRAIN_ARCHIVE if split == "train" else TIN_VAL_ARCHIVE)
-            images, labels = archive.decode_archive(path, None)
+            path = self._archive_path(split)
+            images, labels = archive.decode_archive(path, None, indices)
             source = str(path)
+        elif indices is not None:
+            raise ValueError("indices apply to the archives only (the folder layout is read whole).")
         else:
             anchor = self.root / ("wnids.txt" if split == "train" else "val/val_annotations.txt")
             key = ("tinyimagenet-folder", str(self.root.resolve()), split, *archive.file_key(anchor))

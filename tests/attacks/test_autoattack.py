@@ -54,6 +54,7 @@ def test_autoattack_log_path(trained_model, digits_batch, tmp_path, capsys):
         ({"attacks": ["apgd-ce"]}, r"attacks=\['apgd-ce'\].*version='standard'.*version='custom'"),
         ({"norm": "l1"}, r"norm='l1'.*'linf', 'l2'"),
         ({"eps": 0.0}, r"eps=0.0.*> 0"),
+        ({"n_iter": 0}, r"autoattack\.n_iter=0.*integer >= 1"),
     ],
 )
 def test_autoattack_rejects_bad_options(tiny_model, digits_batch, kwargs, match):
@@ -61,3 +62,28 @@ def test_autoattack_rejects_bad_options(tiny_model, digits_batch, kwargs, match)
     options = {"norm": "linf", "eps": 8 / 255, **kwargs}
     with pytest.raises(ValueError, match=match):
         autoattack_predictions(tiny_model, x, y, **options)
+
+
+def test_autoattack_n_iter_sets_the_apgd_iterations_and_is_named_in_reports(trained_model, digits_batch):
+    from confspec_lightning.attacks import AutoAttack
+
+    x, y = digits_batch[0][:8], digits_batch[1][:8]
+    forwards = []
+    hook = trained_model.register_forward_hook(lambda module, args, out: forwards.append(len(args[0])))
+    try:
+        counts = {}
+        for n_iter in (2, 6):
+            forwards.clear()
+            autoattack_predictions(
+                trained_model, x, y, norm="linf", eps=0.1, version="custom", attacks=["apgd-ce"], n_iter=n_iter
+            )
+            counts[n_iter] = len(forwards)
+    finally:
+        hook.remove()
+    # APGD runs one forward per iteration on the points not yet broken: points of this batch survive the
+    # first iterations, so 6 iterations take more forwards than 2
+    assert counts[6] > counts[2], counts
+    assert AutoAttack("custom", ["apgd-ce"], n_iter=5).describe() == "custom ['apgd-ce'] n_iter=5"
+    assert AutoAttack().describe() == "standard"
+    with pytest.raises(ValueError, match=r"autoattack\.n_iter=-1"):
+        AutoAttack(n_iter=-1)

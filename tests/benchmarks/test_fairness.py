@@ -46,21 +46,33 @@ def runner(out, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+def runner_in_process(out, capsys, *args: str) -> subprocess.CompletedProcess:
+    """:func:`runner` in this process (its confspec runs are still processes): exit status and output."""
+    code = 0
+    try:
+        fairness_run.main(["--protocol", "digits", "--out", str(out), *args, *QUICK])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["run.py", *args], code, captured.out, captured.err)
+
+
 @pytest.mark.slow
-def test_budget_exit_then_resume_without_redoing(tmp_path):
-    spent = runner(tmp_path, "--methods", "wat", "--seeds", "0", "--time-budget", "1")
+def test_budget_exit_then_resume_without_redoing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    spent = runner_in_process(tmp_path, capsys, "--methods", "wat", "--seeds", "0", "--time-budget", "1")
     assert spent.returncode == 3, spent.stdout + spent.stderr
     assert "time budget spent" in spent.stdout
     assert not (tmp_path / "digits/wat_seed0/result.json").exists()
 
-    done = runner(tmp_path, "--methods", "wat", "--seeds", "0")
+    done = runner(tmp_path, "--methods", "wat", "--seeds", "0")  # the script as a process
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "digits/wat_seed0/result.json").read_text())
     assert result["method"] == "wat" and result["epochs"] == 1
     assert set(result["evaluation"]["attacks"]) >= {"clean", "pgd1", "autoattack"}
     log = (tmp_path / "digits/wat_seed0/log.txt").read_text()
 
-    again = runner(tmp_path, "--methods", "wat", "--seeds", "0")
+    again = runner_in_process(tmp_path, capsys, "--methods", "wat", "--seeds", "0")
     assert again.returncode == 0
     assert (tmp_path / "digits/wat_seed0/log.txt").read_text() == log  # read back, not run again
     assert "not recorded in results.json" in again.stdout

@@ -61,6 +61,34 @@ def test_cifar10_archive_source(tmp_path):
     assert np.array_equal(x[1].numpy(), pil_decode(blobs["test"][1]))
 
 
+class _WholeSplits(CIFAR10DataModule):
+    """The same module choosing its subsets after decoding whole splits (the base class's default)."""
+
+    def split_labels(self, split):
+        return None
+
+
+def test_archive_subsets_decode_only_their_images_and_equal_a_whole_split_selection(tmp_path, monkeypatch):
+    write_cifar10_archive(tmp_path / "cifar10_q75_jpeg.npz")
+    archive.clear_cache()
+    decoded = []
+    decode = archive.decode_image
+    monkeypatch.setattr(archive, "decode_image", lambda data, source: decoded.append(source) or decode(data, source))
+    subsets = dict(val_per_class=1, train_per_class=1, train_eval_per_class=1, test_per_class=1)
+    lazy, whole = CIFAR10DataModule(str(tmp_path), **subsets), _WholeSplits(str(tmp_path), **subsets)
+    lazy.setup()
+    # val 1 + train 1 (train_eval is drawn from it) per class of train, 1 per class of test
+    assert len(decoded) == 20 + 10 and len({s for s in decoded if "[train]" in s}) == 20
+    decoded.clear()
+    whole.setup()
+    assert len(decoded) == 30 + 20  # both splits whole
+    assert lazy.splits.keys() == whole.splits.keys() == {"train", "val", "train_eval", "test"}
+    for name in lazy.splits:
+        for a, b in zip(lazy.splits[name].tensors, whole.splits[name].tensors, strict=True):
+            assert torch.equal(a, b), name
+    archive.clear_cache()
+
+
 def test_cifar_missing_files_explain_what_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         CIFAR10DataModule(str(tmp_path / "none"))
