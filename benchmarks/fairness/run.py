@@ -603,7 +603,7 @@ def write_report(
                     deltas(results, spec.methods),
                     "",
                 ]
-                if len(spec.methods) > 1
+                if len({r["method"] for r in results}) > 1  # a method beside TRADES has run
                 else []
             ),
             f"![per-class robust accuracy]({figure_path.name})",

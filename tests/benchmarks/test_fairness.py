@@ -144,6 +144,7 @@ def test_record_keeps_every_run_and_replaces_a_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(fairness_run, "RESULTS_JSON", tmp_path / "results.json")
     monkeypatch.setattr(fairness_run, "RESULTS_MD", tmp_path / "RESULTS.md")
     fairness_run.record("digits", fake_result("trades", 0, worst=0.1, avg=0.6) | {"code": "abc1234"})
+    assert "Difference from TRADES" not in (tmp_path / "RESULTS.md").read_text()  # nothing to compare yet
     fairness_run.record("digits", fake_result("wat", 0, worst=0.2, avg=0.6) | {"code": "abc1234"})
     fairness_run.record("digits", fake_result("trades", 0, worst=0.3, avg=0.6) | {"code": "def5678"})
     stored = json.loads((tmp_path / "results.json").read_text())
@@ -154,6 +155,7 @@ def test_record_keeps_every_run_and_replaces_a_rerun(tmp_path, monkeypatch):
     report = (tmp_path / "RESULTS.md").read_text()
     assert "Runs on record: 2 of the 27 planned" in report
     assert "Code: `abc1234`, `def5678`" in report
+    assert "| WAT | -10.00 | +0.00 | 0 |" in report  # paired with the rerun TRADES (worst 0.3)
     assert (tmp_path / "digits_classwise.png").stat().st_size > 0
 
 
