@@ -105,9 +105,11 @@ def _keep_trace() -> Iterator[None]:
         sys.settrace(trace)
 
 
-def check_autoattack_options(version: str, attacks: list[str] | None) -> None:
-    """Raise a ``ValueError`` naming the bad value unless ``version``/``attacks`` form a valid AutoAttack choice."""
+def check_autoattack_options(version: str, attacks: list[str] | None, n_iter: int | None = None) -> None:
+    """Raise a ``ValueError`` naming the bad value unless ``version``/``attacks``/``n_iter`` form a valid choice."""
     check_choice("autoattack.version", version, AutoAttackVersion)
+    if n_iter is not None:
+        check_int("autoattack.n_iter", n_iter, 1)
     if version == "custom":
         if not attacks:
             raise ValueError(
@@ -167,15 +169,13 @@ def autoattack_predictions(
         int64 predictions (B,) on the device of ``x``.
     """
     check_choice("norm", norm, Norm)
-    check_autoattack_options(version, attacks)
+    check_autoattack_options(version, attacks, n_iter)
     if x.ndim != 4:
         raise ValueError(f"x must be a batch of images (B, C, H, W) in [0, 1]; got shape {tuple(x.shape)}.")
     if y.shape != x.shape[:1]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x; got {tuple(y.shape)}.")
     check_real("eps", eps, lambda v: v > 0, "> 0 (pixel units, e.g. 8/255)")
     check_int("batch_size", batch_size, 1)
-    if n_iter is not None:
-        check_int("autoattack.n_iter", n_iter, 1)
 
     from pyautoattack import AutoAttack  # imported on first use: it is slow to import
 
@@ -218,9 +218,7 @@ class AutoAttack(Attack):
         attacks: list[AutoAttackPart] | None = None,
         n_iter: int | None = None,
     ) -> None:
-        check_autoattack_options(version, attacks)
-        if n_iter is not None:
-            check_int("autoattack.n_iter", n_iter, 1)
+        check_autoattack_options(version, attacks, n_iter)
         self.version = version
         self.attacks = list(attacks) if attacks is not None else None
         self.n_iter = n_iter

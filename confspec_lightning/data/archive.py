@@ -131,9 +131,7 @@ def load_split_arrays(path: str | os.PathLike[str], split: str | None) -> tuple[
             f"{path}: the last of {offsets_key!r} is {int(offsets[-1])} but {jpeg_key!r} has {len(jpeg)} bytes "
             "(truncated or inconsistent archive)."
         )
-    if len(labels) and labels.min() < 0:
-        raise ValueError(f"{path}: {labels_key!r} holds a negative label {int(labels.min())}.")
-    return jpeg, offsets.astype(np.int64, copy=False), labels.astype(np.int64, copy=False)
+    return jpeg, offsets.astype(np.int64, copy=False), _checked_labels(path, labels_key, labels)
 
 
 def load_split_labels(path: str | os.PathLike[str], split: str | None) -> np.ndarray:
@@ -147,8 +145,13 @@ def load_split_labels(path: str | os.PathLike[str], split: str | None) -> np.nda
     labels = load_arrays(path, [labels_key])[labels_key]
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: {labels_key!r} must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
+    return _checked_labels(path, labels_key, labels)
+
+
+def _checked_labels(path: str | os.PathLike[str], key: str, labels: np.ndarray) -> np.ndarray:
+    """Integer ``labels`` as int64, refusing a negative one (naming the file and the array)."""
     if len(labels) and labels.min() < 0:
-        raise ValueError(f"{path}: {labels_key!r} holds a negative label {int(labels.min())}.")
+        raise ValueError(f"{path}: {key!r} holds a negative label {int(labels.min())}.")
     return labels.astype(np.int64, copy=False)
 
 

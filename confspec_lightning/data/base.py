@@ -247,6 +247,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Whether the data set has its own validation split (used when ``val_per_class`` is None)."""
         return False
 
+    def check_label_range(self, labels: np.ndarray, source: str) -> None:
+        """Raise a ``ValueError`` naming ``source`` unless every label lies in [0, ``num_classes``)."""
+        if len(labels) and not 0 <= labels.min() <= labels.max() < self.num_classes:
+            raise ValueError(
+                f"{source}: labels in [{labels.min()}, {labels.max()}]; expected labels in [0, {self.num_classes})."
+            )
+
     # ------------------------------------------------------------------ splits
     def _split_source(self, split: str) -> tuple[np.ndarray, Callable[[np.ndarray | None], tuple[Tensor, Tensor]]]:
         """The labels of ``split`` and ``take``: ``take(indices)`` loads the images and labels there.
@@ -255,7 +262,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         """
         labels = self.split_labels(split)
         if labels is not None:
-            return labels, lambda idx: self.load_split(split, idx) if idx is not None else self.load_split(split)
+            return labels, lambda idx: self.load_split(split, idx)
         x, y = self.load_split(split)
 
         def take(idx: np.ndarray | None) -> tuple[Tensor, Tensor]:

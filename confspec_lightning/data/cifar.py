@@ -143,14 +143,8 @@ class _TorchvisionCIFAR(ClassificationDataModule):
             raise ValueError(f"{source}: images of shape {images.shape[1:]}; expected {self.input_shape}.")
         if len(labels) != len(images):
             raise ValueError(f"{source}: {len(labels)} labels for {len(images)} images.")
-        self._check_labels(labels, source)
+        self.check_label_range(labels, source)
         return torch.from_numpy(images), torch.from_numpy(labels)
-
-    def _check_labels(self, labels: np.ndarray, source: str) -> None:
-        if len(labels) and not 0 <= labels.min() <= labels.max() < self.num_classes:
-            raise ValueError(
-                f"{source}: labels in [{labels.min()}, {labels.max()}]; expected labels in [0, {self.num_classes})."
-            )
 
 
 class CIFAR10DataModule(_TorchvisionCIFAR):
@@ -238,7 +232,7 @@ class CIFAR10DataModule(_TorchvisionCIFAR):
         if self.archive_path is None:
             return None
         labels = archive.load_split_labels(self.archive_path, split)
-        self._check_labels(labels, f"{self.archive_path}[{split}]")
+        self.check_label_range(labels, f"{self.archive_path}[{split}]")
         return labels
 
     def load_split(self, split: str, indices: np.ndarray | None = None) -> tuple[Tensor, Tensor]:

@@ -141,8 +141,7 @@ class TinyImageNetDataModule(ClassificationDataModule):
             return None
         path = self._archive_path(split)
         labels = archive.load_split_labels(path, None)
-        if len(labels) and labels.max() >= self.num_classes:
-            raise ValueError(f"{path}: label {labels.max()} out of range for {self.num_classes} wnids.")
+        self.check_label_range(labels, str(path))
         return labels
 
     def load_split(self, split: str, indices: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
@@ -160,8 +159,7 @@ class TinyImageNetDataModule(ClassificationDataModule):
             source = str(self.root / ("train" if split == "train" else "val"))
         if images.shape[1:] != self.input_shape:
             raise ValueError(f"{source}: images of shape {images.shape[1:]}; expected {self.input_shape}.")
-        if len(labels) and labels.max() >= self.num_classes:
-            raise ValueError(f"{source}: label {labels.max()} out of range for {self.num_classes} wnids.")
+        self.check_label_range(labels, source)
         return torch.from_numpy(images), torch.from_numpy(labels)
 
     def _folder_files(self, split: str) -> tuple[list[Path], np.ndarray]:
