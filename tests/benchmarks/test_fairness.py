@@ -120,6 +120,26 @@ def test_table_reports_mean_and_std_over_seeds_and_median_time():
     assert row[-1] == "3.0 |"
 
 
+def test_classwise_table_averages_seeds_and_the_weakest_classes():
+    def run(method: str, seed: int, accs: list[float]) -> dict:
+        attack = {"avg": sum(accs) / 4, "worst": min(accs), "classwise_acc": accs, "confusion_spectral_norm": 0.5}
+        names = ["a", "b", "c", "d"]
+        return {"method": method, "seed": seed, "evaluation": {"class_names": names, "attacks": {"autoattack": attack}}}
+
+    results = [
+        run("trades", 0, [0.10, 0.40, 0.20, 0.90]),
+        run("trades", 1, [0.20, 0.50, 0.30, 0.70]),
+        run("wat", 0, [0.30, 0.05, 0.60, 0.80]),
+    ]
+    lines = fairness_run.classwise_table(results, ["trades", "faal", "wat"], weakest=2).splitlines()
+    assert lines[0] == "| method | seeds | a | b | c | d | mean of the 2 weakest |"
+    # trades: per-class means 15, 45, 25, 80; weakest two 15 and 25 -> 20
+    assert lines[2] == "| TRADES | 2 | 15.0 | 45.0 | 25.0 | 80.0 | 20.00 |"
+    # wat: weakest two 5 and 30 -> 17.5; faal has no run and no row
+    assert lines[3] == "| WAT | 1 | 30.0 | 5.0 | 60.0 | 80.0 | 17.50 |"
+    assert len(lines) == 4
+
+
 def test_a_signalled_run_is_resumable_not_failed(tmp_path, monkeypatch):
     """confspec's preemption exit (75: last.ckpt saved) ends the chunk like a spent budget (the sweep goes on)."""
     from confspec_lightning.checkpointing import PREEMPTION_EXIT_CODE
