@@ -247,9 +247,6 @@ def test_cfa_empty_class():
     assert all(finite(torch.as_tensor(w)) for w in adjustment.term_weights.values())
 
 
-# ------------------------------------------------------------------------------------------------ fp16 / bf16
-
-
 # ------------------------------------------------------------------------------------- non-finite loss stops fit
 class NaNTermModule(RobustFairLitModule):
     """Makes the KL term NaN on the ``bad_call``-th training step (a real subclass hook)."""

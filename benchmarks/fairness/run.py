@@ -477,6 +477,12 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
     return "\n".join(lines)
 
 
+def classwise_means(results: list[dict], method: str, attack: str) -> list[float]:
+    """Per-class accuracy (%) of ``method`` under ``attack``, mean over its seeds ([] when it has not run)."""
+    runs = [r["evaluation"]["attacks"][attack]["classwise_acc"] for r in results if r["method"] == method]
+    return [100 * statistics.mean(values) for values in zip(*runs, strict=True)]
+
+
 def classwise_table(results: list[dict], methods: list[str], weakest: int = 3) -> str:
     """Per-class robust accuracy (last attack) of each method, mean over its seeds, and the mean of the
     ``weakest`` lowest classes of that row: near the floor one image in 200 moves the worst class by 0.5
@@ -486,12 +492,12 @@ def classwise_table(results: list[dict], methods: list[str], weakest: int = 3) -
     head = ["method", "seeds", *class_names, f"mean of the {weakest} weakest"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
-        runs = [r["evaluation"]["attacks"][attack]["classwise_acc"] for r in results if r["method"] == method]
-        if not runs:
+        accs = classwise_means(results, method, attack)
+        if not accs:
             continue
-        accs = [100 * statistics.mean(values) for values in zip(*runs, strict=True)]
+        seeds = sum(r["method"] == method for r in results)
         bottom = statistics.mean(sorted(accs)[:weakest])
-        cells = [LABELS.get(method, method), str(len(runs)), *(f"{a:.1f}" for a in accs), f"{bottom:.2f}"]
+        cells = [LABELS.get(method, method), str(seeds), *(f"{a:.1f}" for a in accs), f"{bottom:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -509,8 +515,7 @@ def figure(results: list[dict], methods: list[str], path: Path, title: str) -> N
     width = 0.8 / max(len(present), 1)
     fig, ax = plt.subplots(figsize=(min(16, max(8, 1.2 * len(class_names))), 5))
     for i, method in enumerate(present):
-        runs = [r["evaluation"]["attacks"][attack]["classwise_acc"] for r in results if r["method"] == method]
-        accs = [100 * statistics.mean(values) for values in zip(*runs, strict=True)]
+        accs = classwise_means(results, method, attack)
         positions = [c + (i - (len(present) - 1) / 2) * width for c in range(len(class_names))]
         ax.bar(positions, accs, width, label=LABELS.get(method, method))
     ax.set_xticks(range(len(class_names)), class_names, rotation=30 if len(class_names) > 10 else 0)
@@ -596,8 +601,9 @@ def write_report(
         spec = PROTOCOLS[protocol]
         figure_path = HERE / f"{protocol}_classwise.png"
         figure(results, spec.methods, figure_path, f"{protocol}: per-class robust accuracy (mean over seeds)")
+        compared = len({r["method"] for r in results}) > 1  # a method beside TRADES has run
         tradeoff = None
-        if protocol in TRADEOFF_FIGURES and len({r["method"] for r in results}) > 1:
+        if protocol in TRADEOFF_FIGURES and compared:
             tradeoff = HERE / f"{protocol}_tradeoff.png"
             tradeoff_figure(all_results, protocol, tradeoff, TRADEOFF_FIGURES[protocol])
         machine_note = results[0].get("machine", machine)
@@ -624,7 +630,7 @@ def write_report(
                     deltas(results, spec.methods),
                     "",
                 ]
-                if len({r["method"] for r in results}) > 1  # a method beside TRADES has run
+                if compared
                 else []
             ),
             *(
