@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from confspec_lightning.models.weights import read_state_dict
+
 BACKBONE_PREFIX = "net.backbone."
 
 
@@ -24,9 +26,9 @@ def backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The backbone's floating-point weights of a ``confspec fit`` checkpoint (``net.backbone.*`` of its
     ``state_dict``) or of a bare backbone state dict (``benchmarks/cifar10_pretrain/export.py``), without the
     batch-norm running statistics."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" in state:
-        state = {k[len(BACKBONE_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(BACKBONE_PREFIX)}
+    state = read_state_dict(path, "checkpoint")  # safe load; a checkpoint's nested state_dict unwrapped
+    if any(k.startswith("net.") for k in state):  # a RobustFairLitModule checkpoint: its backbone only
+        state = {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     weights = {k: v for k, v in state.items() if v.is_floating_point() and "running_" not in k}
     if not weights:
         raise ValueError(f"{path}: no backbone weights (expected '{BACKBONE_PREFIX}*' keys or a backbone state dict)")

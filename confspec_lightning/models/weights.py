@@ -51,8 +51,10 @@ def load_error(what: str, path: str | Path, error: BaseException) -> ValueError:
     )
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path, what: str = "init_weights") -> dict[str, Tensor]:
     """The tensors of a checkpoint or state-dict file, loaded with ``torch.load(weights_only=True)``.
+
+    Errors name the file as ``what=path`` (the config field or option that gave it).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -61,17 +63,17 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"init_weights={str(path)!r}: no such file.")
+        raise FileNotFoundError(f"{what}={str(path)!r}: no such file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any failure to read the file (zip, pickle, seek, decode) names the file
-        raise load_error("init_weights", path, error) from error
+        raise load_error(what, path, error) from error
     for key in NESTED_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"init_weights={str(path)!r} holds no state dict (a mapping of parameter names to tensors).")
+        raise ValueError(f"{what}={str(path)!r} holds no state dict (a mapping of parameter names to tensors).")
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
