@@ -116,6 +116,19 @@ CSR_GRID = {
 for _name, _args in CSR_GRID.items():
     LABELS[_name] = f"{LABELS[GRID_FORM]} α={_args['alpha']:g} γ={_args['gamma']:g}"
 
+#: cifar10_finetune: CSR's paper form and code form (streaming) at larger alpha (the digits sweep's best was 0.6).
+FINETUNE_ALPHAS = {
+    "trades_csr_paper_a0.6": {"form": "paper", "alpha": 0.6},
+    "trades_csr_paper_a1": {"form": "paper", "alpha": 1.0},
+    "trades_csr_streaming_a0.6": {"alpha": 0.6, "confusion_source": "streaming"},
+}
+LABELS.update(
+    {
+        "trades_csr_paper_a0.6": "TRADES + CSR (paper form) α=0.6",
+        "trades_csr_paper_a1": "TRADES + CSR (paper form) α=1",
+        "trades_csr_streaming_a0.6": "TRADES + CSR (streaming) α=0.6",
+    }
+)
 
 PROTOCOLS: dict[str, Protocol] = {
     "digits": Protocol(
@@ -221,11 +234,18 @@ PROTOCOLS: dict[str, Protocol] = {
             "cfa",
             "wat",
             "dafa",
+            *FINETUNE_ALPHAS,
         ],
         seeds=[0, 1, 2],
         overlays=["cifar10_finetune.yaml"],
-        fairness={"trades_csr_streaming": csr_fairness(alpha=0.3, confusion_source="streaming")},
-        variants={"trades_csr_streaming": "trades_csr"},
+        fairness={
+            "trades_csr_streaming": csr_fairness(alpha=0.3, confusion_source="streaming"),
+            **{name: csr_fairness(**args) for name, args in FINETUNE_ALPHAS.items()},
+        },
+        variants={
+            "trades_csr_streaming": "trades_csr",
+            **{name: "trades_csr_paper" if "paper" in name else "trades_csr" for name in FINETUNE_ALPHAS},
+        },
         init_weights="benchmarks/cifar10_pretrain/trades_pretrained.pt",
     ),
 }
