@@ -8,6 +8,8 @@ ICLR 2025 (arXiv 2501.13273); the behaviour follows ``docs/method.md`` §1-2.
 * :func:`spectral_direction` - G = u1 v1^T = d sigma_max(C) / dC (float64 SVD, non-negative,
   optionally rescaled to [0.01, 2.01]).
 * :func:`csr_weights` - per-sample weights w_k = G[yhat_k, y_k] (the code form's loss).
+* :func:`top_singular_subspace`, :class:`SpectralDirection` - the per-step direction without a full SVD or a
+  host sync (subspace iteration warm-started from the previous step; G kept as u1, v1).
 * :func:`surrogate_contributions`, :func:`surrogate_confusion`, :func:`top_singular_pair`,
   :func:`spectral_penalty` - the paper form: a surrogate confusion matrix L (counts, KL or soft values per
   cell, normalised per true class) and its spectral norm sigma_max(L), differentiated through.
@@ -242,7 +244,135 @@ def direction_from_singular_vectors(u: Tensor, v: Tensor, rescale: bool = True) 
     return torch.where(degenerate, ones, direction)
 
 
-def csr_weights(direction: Tensor, adv_logits: Tensor, target: Tensor, include_diagonal: bool = True) -> Tensor:
+def initial_subspace(num_classes: int, device: torch.device | str | None = None) -> Tensor:
+    """The start of :func:`top_singular_subspace` before any warm start: (K, 2) float64, orthonormal.
+
+    Column 0 is the uniform vector 1/sqrt(K) (it overlaps every non-negative singular vector), column 1 a fixed
+    cosine pattern orthogonalised against it (deterministic: no random generator is drawn from).
+    """
+    check_int("num_classes", num_classes, 2)
+    k = torch.arange(num_classes, dtype=torch.float64, device=device)
+    basis = torch.stack([torch.ones_like(k), torch.cos(2.399963229728653 * (k + 1.0))], dim=1)
+    return _orthonormal_columns(basis)
+
+
+def _orthonormal_columns(w: Tensor) -> Tensor:
+    """Gram-Schmidt, twice (CGS2), on the two columns of ``w`` (K, 2); a zero column stays zero. Device-only."""
+    tiny = torch.finfo(w.dtype).tiny
+    q0 = w[:, 0] / w[:, 0].norm().clamp_min(tiny)
+    w1 = w[:, 1] - (q0 @ w[:, 1]) * q0
+    w1 = w1 - (q0 @ w1) * q0
+    return torch.stack([q0, w1 / w1.norm().clamp_min(tiny)], dim=1)
+
+
+def top_singular_subspace(
+    matrix: Tensor, basis: Tensor, iterations: int = 8, column_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top singular pair of a non-negative matrix by subspace iteration from a warm start, without a host sync.
+
+    M = ``matrix`` diag(``column_scale``) (the scale, e.g. 1/m_j, is applied on the fly: no K x K temporary).
+    Starting from the two orthonormal columns of ``basis`` (the previous call's returned basis, or
+    :func:`initial_subspace`), ``iterations`` times V <- orth(M^T M V) (classical Gram-Schmidt twice), then the
+    Rayleigh-Ritz step: the 2 x 2 matrix (M V)^T (M V) is diagonalised in closed form, giving sigma_1, sigma_2 and
+    v1 in span(V); u1 = M v1 / sigma_1 (Golub & Van Loan, *Matrix Computations*, 4th ed., §8.2.4 orthogonal
+    iteration and §8.1.3 Rayleigh-Ritz). The error in v1 shrinks like (sigma_3 / sigma_1)^(2n) from the warm
+    start, so a tie between sigma_1 and sigma_2 alone is resolved; near-ties of three or more leave a vector
+    from the near-tied subspace (any unit vector there has u^T M v close to sigma_1). Cost: 2n + 1 products of
+    M with a (K, 2) block, O(n K^2); every operation stays on the device (no ``.item()``, no LAPACK call).
+
+    Before iterating, 1e-3 / sqrt(K) is added to every entry of the first column, so the start overlaps the
+    top singular vector even when the previous one lived on other classes (a non-negative matrix has a
+    non-negative top pair: Perron-Frobenius). The returned u1, v1 are taken non-negative (as
+    :func:`top_singular_pair`); a zero matrix gives u1 = v1 = 0 and sigma = 0.
+
+    Args:
+        matrix: (K, K) non-negative matrix (computed in float64).
+        basis: (K, 2) start.
+        iterations: n >= 1 products with M^T M.
+        column_scale: optional (K,) non-negative scale of the columns.
+
+    Returns:
+        ``(u1, v1, (sigma_1, sigma_2), next_basis)``, float64 (K,), (K,), (2,), (K, 2); detached.
+    """
+    check_int("iterations", iterations, 1)
+    m = matrix.detach().to(torch.float64)
+    scale = None if column_scale is None else column_scale.detach().to(m)[:, None]
+    k = m.shape[0]
+
+    def times_m(v: Tensor) -> Tensor:  # M V
+        return m @ (v if scale is None else v * scale)
+
+    def times_mt(x: Tensor) -> Tensor:  # M^T X
+        w = m.t() @ x
+        return w if scale is None else w * scale
+
+    v = basis.detach().to(m).clone()
+    v[:, 0] += 1e-3 / k**0.5
+    v = _orthonormal_columns(v)
+    for _ in range(iterations):
+        v = _orthonormal_columns(times_mt(times_m(v)))
+    x = times_m(v)
+    gram = x.t() @ x  # V^T M^T M V (2 x 2, symmetric)
+    a, b, c = gram[0, 0], gram[0, 1], gram[1, 1]
+    theta = 0.5 * torch.atan2(2.0 * b, a - c)  # rotation onto the eigenvector of the larger eigenvalue
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    radius = torch.sqrt(((a - c) / 2.0) ** 2 + b**2)
+    sigma = torch.sqrt(torch.stack([(a + c) / 2.0 + radius, (a + c) / 2.0 - radius]).clamp_min(0.0))
+    v1 = cos * v[:, 0] + sin * v[:, 1]
+    v2 = cos * v[:, 1] - sin * v[:, 0]
+    nonzero = sigma[0] > 0
+    u1 = (cos * x[:, 0] + sin * x[:, 1]) / torch.where(nonzero, sigma[0], 1.0)
+    u1 = torch.where(nonzero, u1.abs(), 0.0)
+    v1 = torch.where(nonzero, v1.abs(), 0.0)
+    return u1, v1, sigma, torch.stack([torch.where(nonzero, v1, v[:, 0]), v2], dim=1)
+
+
+class SpectralDirection:
+    """G = u1 v1^T (optionally rescaled), kept as its two vectors: entries are formed only where needed.
+
+    ``guard`` and ``rescale`` mirror :func:`direction_from_singular_vectors` (code form: a degenerate G is all
+    ones; ``rescale``: 2 (G - min G) / (max G - min G) + 0.01). With u, v >= 0, min G = min u min v and
+    max G = max u max v, so :meth:`entries` equals indexing :meth:`matrix` without forming the K x K matrix.
+    """
+
+    def __init__(self, u: Tensor, v: Tensor, rescale: bool = False, guard: bool = False) -> None:
+        self.u, self.v, self.rescale, self.guard = u, v, rescale, guard
+
+    def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """G[rows, cols] (float64), elementwise over the broadcast index tensors."""
+        values = self.u[rows] * self.v[cols]
+        if not self.guard:
+            return values
+        g_min, g_max = self.u.min() * self.v.min(), self.u.max() * self.v.max()
+        degenerate = (self.u.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
+        if self.rescale:
+            values = 2.0 * (values - g_min) / torch.where(degenerate, 1.0, g_max - g_min) + 0.01
+        return torch.where(degenerate, torch.ones_like(values), values)
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """(a, b) with G = a u v^T + b (a = 1, b = 0 unless guarded or rescaled), float64 scalars."""
+        one = torch.ones((), dtype=self.u.dtype, device=self.u.device)
+        if not self.guard:
+            return one, one * 0.0
+        g_min, g_max = self.u.min() * self.v.min(), self.u.max() * self.v.max()
+        degenerate = (self.u.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
+        if self.rescale:
+            span = torch.where(degenerate, 1.0, g_max - g_min)
+            a, b = 2.0 / span, 0.01 - 2.0 * g_min / span
+        else:
+            a, b = one, one * 0.0
+        return torch.where(degenerate, 0.0, a), torch.where(degenerate, 1.0, b)
+
+    def matrix(self) -> Tensor:
+        """G as a (K, K) float64 matrix."""
+        k = self.u.shape[0]
+        index = torch.arange(k, device=self.u.device)
+        return self.entries(index[:, None], index[None, :])
+
+
+def csr_weights(
+    direction: Tensor | SpectralDirection, adv_logits: Tensor, target: Tensor, include_diagonal: bool = True
+) -> Tensor:
     """Per-sample CSR weights w_k = G[yhat_k, y_k], yhat_k = argmax f(x_adv_k) (docs/method.md §2).
 
     With ``include_diagonal=False`` (paper form) correctly classified samples get weight 0; with
@@ -251,12 +381,17 @@ def csr_weights(direction: Tensor, adv_logits: Tensor, target: Tensor, include_d
     Returns:
         detached float32 tensor (B,).
     """
-    if not isinstance(direction, Tensor) or direction.ndim != 2 or direction.shape[0] != direction.shape[1]:
-        shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
-        raise ValueError(f"direction must be a square (K, K) matrix; got shape {shape}.")
-    _check_inputs(adv_logits, target, direction.shape[0])
-    pred = adv_logits.detach().argmax(dim=1)
-    weights = direction.to(device=adv_logits.device, dtype=torch.float32)[pred, target]
+    if isinstance(direction, SpectralDirection):
+        _check_inputs(adv_logits, target, direction.u.shape[0])
+        pred = adv_logits.detach().argmax(dim=1)
+        weights = direction.entries(pred, target).to(device=adv_logits.device, dtype=torch.float32)
+    else:
+        if not isinstance(direction, Tensor) or direction.ndim != 2 or direction.shape[0] != direction.shape[1]:
+            shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
+            raise ValueError(f"direction must be a square (K, K) matrix; got shape {shape}.")
+        _check_inputs(adv_logits, target, direction.shape[0])
+        pred = adv_logits.detach().argmax(dim=1)
+        weights = direction.to(device=adv_logits.device, dtype=torch.float32)[pred, target]
     if not include_diagonal:
         weights = torch.where(pred == target, torch.zeros_like(weights), weights)
     return weights
@@ -316,15 +451,27 @@ def surrogate_confusion(contributions: Tensor, target: Tensor, class_counts: Ten
     return matrix
 
 
-def spectral_penalty(direction: Tensor, contributions: Tensor, target: Tensor, class_counts: Tensor | None) -> Tensor:
+def spectral_penalty(
+    direction: Tensor | SpectralDirection, contributions: Tensor, target: Tensor, class_counts: Tensor | None
+) -> Tensor:
     """sum_ij G_ij L_ij = sum_k sum_i G[i, y_k] S[k, i] / m_{y_k}: the paper form's penalty for a direction G.
 
     With G = u1 v1^T of L itself this *is* sigma_max(L) = u1^T L v1, and its gradient is that of
     ``torch.linalg.matrix_norm(L, ord=2)`` (G a constant). With G from another matrix (the previous epoch's,
     an EMA) it is the first-order step along that matrix's top singular direction. Scalar, float32.
+    A :class:`SpectralDirection` G = a u v^T + b gives sum_k [a v[y_k] (S[k] . u) + b sum_i S[k, i]] / m_{y_k}
+    without forming G: O(B K).
     """
-    weights = direction.to(device=contributions.device, dtype=torch.float32)[:, target].t()  # (B, K): G[i, y_k]
-    per_sample = (weights * contributions.float()).sum(dim=1)
+    if isinstance(direction, SpectralDirection):
+        a, b = (t.to(device=contributions.device, dtype=torch.float32) for t in direction.affine())
+        u = direction.u.to(device=contributions.device, dtype=torch.float32)
+        v = direction.v.to(device=contributions.device, dtype=torch.float32)
+        s = contributions.float()
+        # elementwise, not a matmul: autocast would run a matmul in bf16/fp16
+        per_sample = a * (s * u).sum(dim=1) * v[target] + b * s.sum(dim=1)
+    else:
+        weights = direction.to(device=contributions.device, dtype=torch.float32)[:, target].t()  # (B, K): G[i, y_k]
+        per_sample = (weights * contributions.float()).sum(dim=1)
     if class_counts is not None:
         per_sample = per_sample / class_counts.to(per_sample).clamp_min(1.0)[target]
     return per_sample.sum()

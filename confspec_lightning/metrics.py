@@ -131,6 +131,65 @@ class RobustConfusionMatrix(_StatisticsMetric):
         return confusion_heatmap(confusion, class_names=class_names, title=title, ax=ax)
 
 
+class EpochMeans:
+    """Weighted means of per-step scalars over an epoch, summed over DDP ranks once, when asked for.
+
+    ``update`` only adds on the device (no collective, no host read); :meth:`synced_means` is one all-reduce of
+    every running sum (a collective: every rank calls it, with the same names, which come from the config).
+    It replaces Lightning's ``self.log(..., on_epoch=True, sync_dist=True)``, whose reduction runs wherever a
+    logged value is first read: on rank 0 inside the progress bar's epoch-end hook, on the other ranks later,
+    so a collective of the module's own in between (a metric's sync) pairs with the wrong one and DDP hangs.
+    :meth:`state` / :meth:`load_state` carry the global sums through a checkpoint (rank 0 keeps them).
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.sums: Tensor | None = None  # (len(names) + 1,) float64: the weighted sums, then the total weight
+
+    def update(self, values: dict[str, Tensor], weight: float) -> None:
+        """Add ``weight`` x each value (scalars, detached) and ``weight`` to the total."""
+        names = sorted(values)
+        row = torch.stack([values[n].detach().to(torch.float64).reshape(()) for n in names]) * weight
+        row = torch.cat([row, row.new_full((1,), float(weight))])
+        if self.sums is None or names != self.names:
+            if self.sums is not None and self.names:
+                raise ValueError(f"the logged epoch values changed from {self.names} to {names} within an epoch.")
+            self.names, self.sums = names, row
+            return
+        self.sums = self.sums + row.to(self.sums.device)
+
+    def synced_means(self) -> dict[str, float]:
+        """The means over the epoch and all ranks (a collective); empty when nothing was added. Resets."""
+        from confspec_lightning.fairness.statistics import sum_across_ranks
+
+        if self.sums is None:
+            return {}
+        total = sum_across_ranks(self.sums).cpu()
+        self.reset()
+        weight = float(total[-1])
+        return {name: float(value) / weight for name, value in zip(self.names, total[:-1].tolist(), strict=True)}
+
+    def reset(self) -> None:
+        self.sums = None
+
+    def state(self) -> dict[str, Any]:
+        """The sums over all ranks (a collective under DDP), for a checkpoint."""
+        from confspec_lightning.fairness.statistics import sum_across_ranks
+
+        if self.sums is None:
+            return {"names": [], "sums": torch.zeros(0, dtype=torch.float64)}
+        return {"names": list(self.names), "sums": sum_across_ranks(self.sums).cpu()}
+
+    def load_state(self, state: dict[str, Any], rank: int, device: torch.device) -> None:
+        """Restore :meth:`state`'s sums on rank 0 (the other ranks start from zero, so the global sum is kept)."""
+        if not state.get("names"):
+            self.reset()
+            return
+        self.names = list(state["names"])
+        sums = state["sums"].to(device=device, dtype=torch.float64)
+        self.sums = sums if rank == 0 else torch.zeros_like(sums)
+
+
 def synced_states(metric: Metric) -> dict[str, Tensor]:
     """Copies of every state of ``metric`` reduced over all DDP ranks (a collective: call it on every rank)."""
     with metric.sync_context(should_sync=metric.sync_on_compute, should_unsync=True):

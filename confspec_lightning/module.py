@@ -12,6 +12,8 @@ combine); give another evaluator, test attacks or fairness methods as arguments.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +31,7 @@ from confspec_lightning.evaluation.evaluator import Evaluator
 from confspec_lightning.fairness import passes
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.stack import FairnessStack
-from confspec_lightning.metrics import RobustConfusionMatrix, load_global_states, save_global_states
+from confspec_lightning.metrics import EpochMeans, RobustConfusionMatrix, load_global_states, save_global_states
 from confspec_lightning.models.normalize import Normalize
 from confspec_lightning.models.weights import load_backbone_weights, load_error, raised_by_torch_load
 from confspec_lightning.numerics import NonFiniteGuard
@@ -47,6 +49,12 @@ try:  # set by LightningCLI while it instantiates the module (hyperparameters co
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 except ImportError:  # pragma: no cover - older/newer Lightning
     _given_hyperparameters = None
+
+#: Names logged by ``log_global`` (Lightning's sync_dist advice is silenced for exactly these).
+_GLOBAL_NAMES: set[str] = set()
+
+#: Checkpoint key of the running epoch means (:class:`~.metrics.EpochMeans`).
+EPOCH_MEANS_KEY = "confspec_epoch_means"
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -173,6 +181,8 @@ class RobustFairLitModule(pl.LightningModule):
         # diagnostics are logged at every validation (train/confusion_*), see docs/method.md
         self.train_confusion = RobustConfusionMatrix(num_classes)
         self.train_confusion.persistent(True)
+        #: weighted means of the training step's values over the epoch (train/robust_acc, train/loss_*)
+        self.epoch_means = EpochMeans()
         self.nonfinite = NonFiniteGuard()
         self.checkpoint_epoch: int | None = None  # the epoch of a loaded checkpoint (validate/test report it)
 
@@ -287,10 +297,10 @@ class RobustFairLitModule(pl.LightningModule):
         self.train_confusion.update(output.adv_logits.detach(), target)
         batch_size = target.shape[0]
         robust_acc = (output.adv_logits.detach().argmax(dim=1) == target).float().mean()
-        # step values stay local (no per-step collective); epoch values are averaged over ranks once
+        # step values stay local (no per-step collective); epoch values are summed here and over ranks once, at the
+        # epoch's end, by every rank in the same hook (see EpochMeans: why not Lightning's sync_dist)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
-        epoch_values = {"train/robust_acc": robust_acc, **{f"train/loss_{k}": v for k, v in parts.items()}}
-        self.log_dict(epoch_values, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        self.epoch_means.update({"robust_acc": robust_acc, **{f"loss_{k}": v for k, v in parts.items()}}, batch_size)
         return loss
 
     def check_finite(self, loss: Tensor, parts: dict[str, Tensor], batch_idx: int) -> None:
@@ -331,8 +341,22 @@ class RobustFairLitModule(pl.LightningModule):
         diagnostics = {key: float(value) for key, value in CF.confusion_diagnostics(rates).items()}
         diagnostics["robust_acc"] = float(1.0 - errors.sum() / counts.sum())
         logged = {f"train/confusion_{k}": v for k, v in diagnostics.items() if k != "robust_acc"}
-        self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=True)
+        self.log_global(logged)
         return diagnostics
+
+    def log_global(self, values: dict[str, float | Tensor]) -> None:
+        """Log epoch values that are already global (equal on every rank), without ``sync_dist``.
+
+        So no collective hides in Lightning's logging (the progress bar would run it on rank 0 alone; see
+        :class:`~.metrics.EpochMeans`).
+        """
+        for name, value in values.items():
+            if name not in _GLOBAL_NAMES:  # Lightning's advice to add sync_dist does not apply to a global value
+                _GLOBAL_NAMES.add(name)
+                message = re.escape(f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)`")
+                warnings.filterwarnings("ignore", message=message)
+            value = value.detach().float() if isinstance(value, Tensor) else float(value)
+            self.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
 
     # ----------------------------------------------------- fairness methods
     def on_train_epoch_start(self) -> None:
@@ -344,8 +368,10 @@ class RobustFairLitModule(pl.LightningModule):
             self._fairness_epoch_end()  # the epoch's training is over; before the evaluator swaps weights in
 
     def on_train_epoch_end(self) -> None:
+        # every rank, in this order: the methods' end-of-epoch hooks, the training confusion, the epoch means
         self._fairness_epoch_end()
         self.train_confusion_diagnostics()  # an epoch without validation logs them here
+        self.log_global({f"train/{name}": value for name, value in self.epoch_means.synced_means().items()})
 
     def _fairness_epoch_end(self) -> None:
         logs = self.fairness.epoch_end(self.epoch_context(self.current_epoch))
@@ -356,8 +382,7 @@ class RobustFairLitModule(pl.LightningModule):
                     self._log_fairness({f"{key}/{name}": values[c] for c, name in enumerate(self.class_names)})
 
     def _log_fairness(self, values: dict[str, Tensor]) -> None:
-        for name, value in values.items():
-            self.log(name, value.float(), on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
+        self.log_global(values)  # the methods' state is equal on all ranks
 
     def epoch_context(self, epoch: int) -> EpochContext:
         """What fairness methods see at an epoch's start or end: the network, passes over the data, the attack."""
@@ -372,7 +397,7 @@ class RobustFairLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------ evaluation
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluator.validation_batch(self, batch, dataloader_idx)
+        self.evaluator.validation_batch(self, batch, batch_idx, dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Every test attack on the test split (``test_attacks``); the evaluation PGD on a train subset."""
@@ -380,7 +405,7 @@ class RobustFairLitModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Clean predictions and, where labels come with the batch, predictions under ``eval_attack``."""
-        return self.evaluator.predict_batch(self, batch)
+        return self.evaluator.predict_batch(self, batch, batch_idx)
 
     def use_evaluation_weights(self) -> None:
         """Evaluate with a method's weights (CFA's average) where one offers them; the trained ones are kept."""
@@ -400,6 +425,7 @@ class RobustFairLitModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the persistent metric states summed over all ranks (on every rank; ``save_global_states``)."""
         save_global_states(self._persistent_metrics(), checkpoint["state_dict"])
+        checkpoint[EPOCH_MEANS_KEY] = self.epoch_means.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_epoch = checkpoint.get("epoch")  # validate/test report the checkpoint's epoch
@@ -415,3 +441,5 @@ class RobustFairLitModule(pl.LightningModule):
         except RuntimeError:  # not attached to a Trainer (load_from_checkpoint)
             return
         load_global_states(self._persistent_metrics(), state, rank)
+        if self.trainer.state.fn == "fit":  # a resumed epoch's means include the batches before the checkpoint
+            self.epoch_means.load_state(checkpoint.get(EPOCH_MEANS_KEY, {}), rank, self.device)

@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from confspec_lightning.attacks.config import AttackConfig
 from confspec_lightning.attacks.losses import AttackObjective, attack_loss
+from confspec_lightning.attacks.noise import RandomSource
 from confspec_lightning.validation import check_int
 
 
@@ -45,7 +45,7 @@ class Attack:
         target: Tensor,
         *,
         threat: AttackConfig,
-        generator: torch.Generator | None = None,
+        generator: RandomSource = None,
         seed: int = 0,
         progress: Callable[[str], None] | None = None,
     ) -> Tensor:
@@ -56,7 +56,8 @@ class Attack:
             x: clean batch in [0, 1].
             target: labels.
             threat: the module's ``eval_attack`` (norm, eps, step, steps).
-            generator: the evaluation's random stream (the same noise every evaluation).
+            generator: the random starts' source: the evaluation's :class:`~.noise.SampleNoise` (each sample's noise
+                keyed by its index in the split: the same whatever the batch or process), or a generator.
             seed: a seed for attacks that seed themselves (AutoAttack).
             progress: called with progress messages, for attacks that take long.
         """
@@ -86,7 +87,7 @@ class PGD(Attack):
         return f"{self.name}{self._threat(threat).steps}"
 
     def adversarial(
-        self, model: nn.Module, x: Tensor, target: Tensor, *, threat: AttackConfig, generator: torch.Generator | None
+        self, model: nn.Module, x: Tensor, target: Tensor, *, threat: AttackConfig, generator: RandomSource
     ) -> Tensor:
         """The adversarial batch (detached)."""
         return self._threat(threat).perturb(model, x, target, self.objective, generator=generator)

@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from confspec_lightning.attacks.noise import RandomSource
 from confspec_lightning.validation import check_bool, check_choice, check_int, check_real
 
 Norm = Literal["linf", "l2"]
@@ -72,7 +73,7 @@ class AttackConfig:
         *,
         eps: float | torch.Tensor | None = None,
         step: float | torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: RandomSource = None,
     ) -> torch.Tensor:
         """:func:`~confspec_lightning.attacks.pgd` with this threat model; ``eps``/``step`` (per-sample) override it."""
         from confspec_lightning.attacks.pgd import pgd

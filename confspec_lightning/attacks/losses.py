@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from confspec_lightning.attacks.noise import RandomSource, normal_like, uniform_like
 from confspec_lightning.validation import check_choice
 
 AttackObjective = Literal["ce", "cw", "trades_kl"]
@@ -35,12 +36,15 @@ class AttackLoss:
         """Whatever the objective needs from the clean batch (computed once per attack), e.g. p(x)."""
         return None
 
-    def random_start(self, x: Tensor, eps: Tensor, norm: str, generator: torch.Generator | None) -> Tensor:
-        """The start's offset from x: uniform in the l_inf ball, uniform radius along a random l_2 direction."""
+    def random_start(self, x: Tensor, eps: Tensor, norm: str, generator: RandomSource) -> Tensor:
+        """The start's offset from x: uniform in the l_inf ball, uniform radius along a random l_2 direction.
+
+        ``generator``: a ``torch.Generator`` (or None: the global one) or a :class:`~.noise.SampleNoise`.
+        """
         if norm == "linf":
-            return (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        radius = torch.rand(eps.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return (2 * uniform_like(x, generator) - 1) * eps
+        direction = normal_like(x, generator)
+        radius = uniform_like(x, generator, tuple(eps.shape))
         return direction / l2_norm(direction).clamp_min(1e-12) * radius * eps
 
     def logit_grad(self, logits: Tensor, target: Tensor, prepared: Any) -> Tensor:
@@ -90,8 +94,8 @@ class TradesKL(AttackLoss):
     def prepare(self, model: nn.Module, x: Tensor) -> Tensor:
         return model(x).detach().float().softmax(dim=1)
 
-    def random_start(self, x: Tensor, eps: Tensor, norm: str, generator: torch.Generator | None) -> Tensor:
-        return 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def random_start(self, x: Tensor, eps: Tensor, norm: str, generator: RandomSource) -> Tensor:
+        return 0.001 * normal_like(x, generator)
 
     def logit_grad(self, logits: Tensor, target: Tensor, prepared: Tensor) -> Tensor:
         return logits.float().softmax(dim=1) - prepared

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from confspec_lightning.attacks.config import Norm, eval_mode, grad_enabled
 from confspec_lightning.attacks.losses import AttackLoss, AttackObjective, attack_loss, l2_norm
+from confspec_lightning.attacks.noise import RandomSource
 from confspec_lightning.validation import check_choice, check_int
 
 
@@ -56,7 +57,7 @@ def pgd(
     norm: Norm = "linf",
     objective: AttackObjective | AttackLoss = "ce",
     random_start: bool = True,
-    generator: torch.Generator | None = None,
+    generator: RandomSource = None,
 ) -> Tensor:
     """Projected gradient ascent on ``objective`` within an ``norm`` ball of radius ``eps`` around ``x``.
 
@@ -73,7 +74,8 @@ def pgd(
         norm: ``"linf"`` or ``"l2"``.
         objective: ``"ce"``, ``"cw"``, ``"trades_kl"`` or an :class:`~confspec_lightning.attacks.losses.AttackLoss`.
         random_start: start at the objective's random start; ``False`` starts at x.
-        generator: optional RNG for the random start.
+        generator: the random start's source: a ``torch.Generator`` (None: the global one) or a
+            :class:`~confspec_lightning.attacks.noise.SampleNoise` (noise keyed by sample index).
 
     Returns:
         The detached adversarial batch, same shape and dtype as ``x``.

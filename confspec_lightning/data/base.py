@@ -114,6 +114,62 @@ class EpochSampler(DistributedSampler):
         return iter(order[start:].tolist())
 
 
+class EvaluationSampler(DistributedSampler):
+    """Deals the batches of one sequential pass over a split to the ranks: rank r takes batches r, r + W, r + 2W, ...
+
+    With ``DataLoader(dataset, batch_size=batch_size, sampler=EvaluationSampler(...))`` every batch a rank sees is
+    a batch a single process sees (the same samples, the same global batch number), and every sample is seen once:
+    no padding (Lightning's ``DistributedSampler`` repeats samples to even out the ranks, which changes per-class
+    counts). An evaluation that seeds each batch by its global number (AutoAttack) and draws each sample's noise
+    from its index (:class:`~confspec_lightning.attacks.noise.SampleNoise`) then gives a single process's results
+    on any number of processes. A rank left without a batch (fewer batches than ranks) gets one *placeholder*
+    (batch 0 again), which the evaluator skips: every rank then runs the same evaluation hooks and collectives,
+    and Lightning's check that each rank has a batch passes. Being a ``DistributedSampler``, Lightning keeps it.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        check_positive_int("batch_size", batch_size)
+        self.batch_size = batch_size
+        self.dataset_size = len(dataset)  # type: ignore[arg-type]
+        total = -(-self.dataset_size // batch_size)
+        self.global_batches = list(range(rank, total, num_replicas))
+        #: this rank has no batch of its own: it runs one placeholder batch that the evaluation skips
+        self.placeholder = not self.global_batches and self.dataset_size > 0
+        self.num_samples = sum(len(self._range(g)) for g in self.global_batches)
+        if self.placeholder:
+            self.num_samples = len(self._range(0))
+        self.total_size = self.dataset_size
+
+    def _range(self, global_batch: int) -> range:
+        start = global_batch * self.batch_size
+        return range(start, min(start + self.batch_size, self.dataset_size))
+
+    def __iter__(self) -> Iterator[int]:
+        batches = [0] if self.placeholder else self.global_batches
+        for g in batches:
+            yield from self._range(g)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def global_batch(self, local_batch: int) -> int | None:
+        """The number of this rank's batch ``local_batch`` in a single process's pass (None: the placeholder)."""
+        return None if self.placeholder else self.global_batches[local_batch]
+
+    def batch_indices(self, local_batch: int) -> Tensor:
+        """The indices in the split of this rank's batch ``local_batch`` (int64)."""
+        global_batch = self.global_batch(local_batch)
+        return torch.as_tensor(list(self._range(0 if global_batch is None else global_batch)), dtype=torch.long)
+
+
+def process_layout() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over an :class:`EpochSampler` whose position Lightning saves and restores.
 
@@ -311,12 +367,15 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, split: str, batch_size: int) -> DataLoader:
+        """An evaluation loader: sequential batches, dealt to the ranks whole (:class:`EvaluationSampler`)."""
         if not self.splits:
             self.setup()
+        world_size, rank = process_layout()
+        dataset = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            dataset,
             batch_size=batch_size,
-            shuffle=False,
+            sampler=EvaluationSampler(dataset, batch_size, num_replicas=world_size, rank=rank),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -346,9 +405,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         batch B, so DDP runs compare with one process. With one process the order is that of a
         ``DistributedSampler`` with one replica (seeded with ``seed + epoch``).
         """
-        world_size, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        world_size, rank = process_layout()
         return EpochSampler(
             self.splits["train"], num_replicas=world_size, rank=rank, shuffle=self.shuffle, seed=self.seed
         )

@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from confspec_lightning.attacks.noise import SampleNoise
+from confspec_lightning.data.base import EvaluationSampler
 from confspec_lightning.evaluation.classwise import ClasswiseResult
 from confspec_lightning.evaluation.report import CLEAN, Divergence, EvaluationReport
 from confspec_lightning.metrics import RobustConfusionMatrix
@@ -31,6 +34,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: ``train_eval``: a stratified subset of the training images (the data module's second validation loader).
 STAGES = ("val", "test", "train_eval")
+
+
+def evaluation_sampler(loader: Any) -> EvaluationSampler | None:
+    """The :class:`~confspec_lightning.data.base.EvaluationSampler` of a loader, or None.
+
+    Also found under Lightning's predict wrapper of the loader's batch sampler.
+    """
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, EvaluationSampler):
+            return sampler
+    return None
 
 
 class Evaluator(pl.Callback):
@@ -49,8 +63,9 @@ class Evaluator(pl.Callback):
         self.reports: dict[str, EvaluationReport] = {}
         #: per validation epoch of a fit: the diagnostics of the validation and the training robust confusion
         self.history: list[dict[str, Any]] = []
-        self._generator: torch.Generator | None = None
         self._predictions: dict[str, dict[str, list[Tensor]]] = {}
+        #: samples seen so far per (stage, loader), for loaders whose batches have no known indices
+        self._positions: dict[tuple[str, int], int] = {}
 
     def bind(self, num_classes: int) -> nn.ModuleDict:
         """The streaming metrics (clean and robust per stage); the module registers them (device, DDP)."""
@@ -60,64 +75,101 @@ class Evaluator(pl.Callback):
         return self.metrics
 
     # ------------------------------------------------------------- per batch
-    def generator(self, device: torch.device, seed: int) -> torch.Generator:
-        """The evaluation's random stream: the same attack noise every evaluation (reset at every epoch start)."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(seed)
-        return self._generator
+    def batch_position(
+        self, trainer: pl.Trainer, stage: str, dataloader_idx: int, batch_idx: int, size: int
+    ) -> tuple[Tensor | None, int]:
+        """The indices in the split of a batch's samples (None: a placeholder batch to skip), and its batch number.
 
-    def robust_logits(self, module: RobustFairLitModule, x: Tensor, target: Tensor) -> Tensor:
-        """Logits under the evaluation PGD (``module.eval_attack``, CE objective), seeded."""
-        generator = self.generator(x.device, module.eval_seed)
-        return module.net(module.eval_attack.perturb(module.net, x, target, "ce", generator=generator))
+        Exact for a loader over an :class:`~confspec_lightning.data.base.EvaluationSampler` (the data modules of
+        this library): the single process's indices and batch number, on any number of processes. Another loader
+        is taken as sequential: its samples are numbered in the order this process sees them.
+        """
+        loaders = {"val": trainer.val_dataloaders, "test": trainer.test_dataloaders}.get(stage)
+        if stage == "predict":
+            loaders = trainer.predict_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+        sampler = evaluation_sampler(loader)
+        if sampler is not None:
+            global_batch = sampler.global_batch(batch_idx)
+            return (None if global_batch is None else sampler.batch_indices(batch_idx)), global_batch or 0
+        start = self._positions.get((stage, dataloader_idx), 0)
+        self._positions[(stage, dataloader_idx)] = start + size
+        return torch.arange(start, start + size), batch_idx
 
-    def evaluate_batch(self, module: RobustFairLitModule, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
+    def robust_logits(self, module: RobustFairLitModule, x: Tensor, target: Tensor, indices: Tensor) -> Tensor:
+        """Logits under the evaluation PGD (``module.eval_attack``, CE objective), seeded per sample.
+
+        Each sample's random start is keyed by its index (:class:`~confspec_lightning.attacks.noise.SampleNoise`
+        with ``module.eval_seed``).
+        """
+        noise = SampleNoise(module.eval_seed, indices)
+        return module.net(module.eval_attack.perturb(module.net, x, target, "ce", generator=noise))
+
+    def evaluate_batch(
+        self, module: RobustFairLitModule, batch: Any, stage: str, indices: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Clean and evaluation-PGD logits of a batch, added to the stage's metrics."""
         x, target = batch
         x = module.format_input(x)
         clean_logits = module.net(x)
         module.check_logits(clean_logits)
-        adv_logits = self.robust_logits(module, x, target)
+        adv_logits = self.robust_logits(module, x, target, indices)
         self.metrics[f"{stage}_clean"].update(clean_logits, target)
         self.metrics[f"{stage}_robust"].update(adv_logits, target)
         return clean_logits, adv_logits
 
-    def validation_batch(self, module: RobustFairLitModule, batch: Any, dataloader_idx: int) -> None:
-        self.evaluate_batch(module, batch, "val" if dataloader_idx == 0 else "train_eval")
+    def validation_batch(self, module: RobustFairLitModule, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        indices, _ = self.batch_position(module.trainer, "val", dataloader_idx, batch_idx, len(batch[1]))
+        if indices is not None:  # a placeholder batch (a rank with no batch of its own) counts nothing
+            self.evaluate_batch(module, batch, "val" if dataloader_idx == 0 else "train_eval", indices)
 
     def test_batch(self, module: RobustFairLitModule, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        """Every test attack on the test split; the evaluation PGD on the train subset (divergence)."""
+        """Every test attack on the test split; the evaluation PGD on the train subset (divergence).
+
+        Each attack's random starts are keyed by sample index and AutoAttack is seeded with ``eval_seed`` plus the
+        batch's number in a single process's pass, so several processes give one process's predictions.
+        """
         stage = "test" if dataloader_idx == 0 else "train_eval"
         x, target = batch
+        indices, number = self.batch_position(module.trainer, "test", dataloader_idx, batch_idx, len(target))
+        if indices is None:
+            return
         x = module.format_input(x)
         clean_logits = module.net(x)
         module.check_logits(clean_logits)
-        predictions = {"target": target, CLEAN: clean_logits.argmax(1)}
+        predictions = {"index": indices.to(target.device), "target": target, CLEAN: clean_logits.argmax(1)}
         if stage == "train_eval":
-            predictions[self.divergence_key(module)] = self.robust_logits(module, x, target).argmax(1)
+            predictions[self.divergence_key(module)] = self.robust_logits(module, x, target, indices).argmax(1)
         else:
-            generator = self.generator(x.device, module.eval_seed)
+            noise = SampleNoise(module.eval_seed, indices)
             for attack in module.test_attacks:
                 predictions[attack.key(module.eval_attack)] = attack.predictions(
                     module.net,
                     x,
                     target,
                     threat=module.eval_attack,
-                    generator=generator,
-                    seed=module.eval_seed + batch_idx,
-                    progress=self._progress(module.trainer, f"{attack.name}, test batch {batch_idx + 1}"),
+                    generator=noise,
+                    seed=module.eval_seed + number,
+                    progress=self._progress(module.trainer, f"{attack.name}, test batch {number + 1}"),
                 )
         for key, value in predictions.items():
-            self._predictions.setdefault(stage, {}).setdefault(key, []).append(value.detach())
+            self._predictions.setdefault(stage, {}).setdefault(key, []).append(value.detach().cpu())
 
-    def predict_batch(self, module: RobustFairLitModule, batch: Any) -> dict[str, Tensor]:
-        """Clean predictions and, where labels come with the batch, predictions under the evaluation PGD."""
+    def predict_batch(self, module: RobustFairLitModule, batch: Any, batch_idx: int = 0) -> dict[str, Tensor]:
+        """Clean predictions and, where labels come with the batch, predictions under the evaluation PGD.
+
+        A placeholder batch (a rank with no batch of its own) gives empty predictions.
+        """
         x, target = batch if isinstance(batch, list | tuple) and len(batch) == 2 else (batch, None)
+        indices, _ = self.batch_position(module.trainer, "predict", 0, batch_idx, len(x))
+        if indices is None:
+            empty = torch.zeros(0, dtype=torch.long, device=x.device)
+            return {"pred": empty, **({"target": empty, "adv_pred": empty} if target is not None else {})}
         x = module.format_input(x)
         out = {"pred": module.net(x).argmax(dim=1)}
         if target is not None:
             out["target"] = target
-            out["adv_pred"] = self.robust_logits(module, x, target).argmax(dim=1)
+            out["adv_pred"] = self.robust_logits(module, x, target, indices).argmax(dim=1)
         return out
 
     @staticmethod
@@ -137,7 +189,9 @@ class Evaluator(pl.Callback):
     # ------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.use_evaluation_weights()
-        self._generator = None
+        self._positions = {}
+        if not trainer.sanity_checking:
+            self._check_sharding(trainer, "val")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module: RobustFairLitModule = pl_module  # type: ignore[assignment]
@@ -159,7 +213,7 @@ class Evaluator(pl.Callback):
             )
             if not trainer.sanity_checking:
                 name = "val/robust_acc_kendall_tau_train"
-                module.log(name, report.divergence.kendall_tau, on_epoch=True, sync_dist=True)
+                module.log_global({name: report.divergence.kendall_tau})
         module.restore_trained_weights()
 
     def _finish(self, module: RobustFairLitModule, stage: str, figures: bool) -> EvaluationReport:
@@ -186,10 +240,10 @@ class Evaluator(pl.Callback):
         )
         if module.trainer.sanity_checking:
             return report
-        # values are already global (synced metric state): sync_dist only averages equal numbers
-        module.log_dict(report.scalars(), on_step=False, on_epoch=True, sync_dist=True)
+        # values are already global (synced metric state): logged without another reduction
+        module.log_global(report.scalars())
         if module.num_classes <= self.max_classwise_scalars:
-            module.log_dict(report.classwise_scalars(), on_step=False, on_epoch=True, sync_dist=True)
+            module.log_global(report.classwise_scalars())
         if figures:
             self.log_figures(module, report)
         self.reports[stage] = report
@@ -236,23 +290,55 @@ class Evaluator(pl.Callback):
         plt.close(bars)
         plt.close(heatmap)
 
-    # ------------------------------------------------------------------ test
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.world_size > 1:
-            raise RuntimeError(
-                f"confspec test runs on one device for exact per-class numbers (a DistributedSampler pads the "
-                f"split by repeating images); got {trainer.world_size} processes: pass --trainer.devices 1 "
-                "--trainer.num_nodes 1."
-            )
+    def _check_sharding(self, trainer: pl.Trainer, stage: str) -> None:
+        """Under DDP, refuse (test) or flag (validation) loaders that are not dealt by an ``EvaluationSampler``."""
+        if trainer.world_size == 1:
+            return
+        loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+        loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+        foreign = [type(getattr(dl, "sampler", None)).__name__ for dl in loaders if evaluation_sampler(dl) is None]
+        if not foreign:
+            return
+        message = (
+            f"{'test' if stage == 'test' else 'validation'} on {trainer.world_size} processes with a loader over a "
+            f"{foreign[0]}: a DistributedSampler repeats images to even out the ranks, and the attacks' batches differ "
+            "from one process's, so per-class numbers would not be one process's. Use a data module of this library "
+            "(its loaders deal whole batches: confspec_lightning.data.EvaluationSampler) or give your loaders an "
+            "EvaluationSampler"
+        )
+        if stage == "test":
+            raise RuntimeError(message + "; or pass --trainer.devices 1 --trainer.num_nodes 1.")
+        rank_zero_warn(message + ".")
 
+    # ------------------------------------------------------------------ test
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_sharding(trainer, "test")
         pl_module.use_evaluation_weights()
-        self._generator = None
+        self._positions = {}
         self._predictions = {"test": {}, "train_eval": {}}
+
+    def _gathered_predictions(self, trainer: pl.Trainer) -> dict[str, dict[str, Tensor]]:
+        """Every rank's predictions, in the order of the samples' indices (a collective under DDP: every rank)."""
+        local = {stage: {k: torch.cat(v) for k, v in d.items()} for stage, d in self._predictions.items()}
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, local)
+        else:
+            parts = [local]
+        collected: dict[str, dict[str, Tensor]] = {}
+        for stage in self._predictions:
+            pieces = [part[stage] for part in parts if part.get(stage)]
+            if not pieces:
+                collected[stage] = {}
+                continue
+            merged = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
+            order = torch.argsort(merged.pop("index"), stable=True)
+            collected[stage] = {key: value[order] for key, value in merged.items()}
+        return collected
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module: RobustFairLitModule = pl_module  # type: ignore[assignment]
-        collected = {stage: {k: torch.cat(v) for k, v in d.items()} for stage, d in self._predictions.items()}
+        collected = self._gathered_predictions(trainer)
         test, train = collected["test"], collected["train_eval"]
         target = test.pop("target")
         divergence = None
@@ -298,7 +384,7 @@ class Evaluator(pl.Callback):
     # --------------------------------------------------------------- predict
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.use_evaluation_weights()
-        self._generator = None
+        self._positions = {}
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.restore_trained_weights()

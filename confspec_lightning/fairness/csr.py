@@ -46,10 +46,11 @@ from confspec_lightning.fairness.statistics import sum_across_ranks, world_size
 from confspec_lightning.functional import Margin, Surrogate
 from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
-from confspec_lightning.validation import check_bool, check_choice, check_real
+from confspec_lightning.validation import check_bool, check_choice, check_int, check_real
 
 Form = Literal["code", "paper"]
 ConfusionSource = Literal["epoch_pass", "streaming", "batch", "ema"]
+DirectionSolver = Literal["power", "svd"]
 #: Sources whose matrix is built anew every step from the (global) batch.
 PER_STEP_SOURCES: tuple[str, ...] = ("batch", "ema")
 
@@ -91,6 +92,13 @@ class CSR(FairnessMethod):
             wrong logits raised by gamma).
         confusion_source: ``"epoch_pass"`` (code default), ``"streaming"``, ``"batch"`` (paper default) or ``"ema"``.
         ema_decay: decay d of the ``ema`` source, in [0, 1) (0.9).
+        direction_solver: how the per-step sources (``batch``, ``ema``) find the top singular pair every step:
+            ``"power"`` (default: :func:`~confspec_lightning.functional.top_singular_subspace`, subspace
+            iteration warm-started from the previous step, on the device, no host sync, O(K^2)) or ``"svd"``
+            (a float64 SVD with a check of the matrix's entries: O(K^3) and one host sync per step; the
+            reference). The epoch-level sources always take the SVD, once per epoch.
+        power_iterations: iterations of the ``power`` solver per step (8; the error shrinks like
+            (sigma_3 / sigma_1)^(2n) from the previous step's vectors).
         include_diagonal: code form: correctly classified samples get G[y, y] (default) or 0. The paper form
             charges only errors (must stay unset or false).
         rescale: rescale G to [0.01, 2.01] (code default) or use u1 v1^T as it is (paper default).
@@ -102,6 +110,8 @@ class CSR(FairnessMethod):
     direction: Tensor
     ema_matrix: Tensor
     ema_initialised: Tensor
+    subspace: Tensor
+    top_pair: Tensor
 
     def __init__(
         self,
@@ -115,12 +125,16 @@ class CSR(FairnessMethod):
         include_diagonal: bool | None = None,
         rescale: bool | None = None,
         normalize: bool | None = None,
+        direction_solver: DirectionSolver = "power",
+        power_iterations: int = 8,
     ) -> None:
         super().__init__()
         check_real("csr.alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (code default 0.3)")
         check_real("csr.gamma", gamma, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.0)")
         check_real("csr.ema_decay", ema_decay, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.9)")
         check_choice("csr.form", form, Form)
+        check_choice("csr.direction_solver", direction_solver, DirectionSolver)
+        check_int("csr.power_iterations", power_iterations, 1)
         given = {
             "surrogate": surrogate,
             "margin": margin,
@@ -157,13 +171,19 @@ class CSR(FairnessMethod):
         self.include_diagonal = bool(options["include_diagonal"])
         self.rescale = bool(options["rescale"])
         self.normalize = bool(options["normalize"])
+        self.direction_solver: DirectionSolver = direction_solver
+        self.power_iterations = power_iterations
         self._source_stats: Tensor | None = None  # per-step sources: running sums of (sigma_1, sigma_1/sigma_2, steps)
 
     def bind(self, num_classes: int, model: nn.Module | None = None) -> None:
         """Allocate G, the EMA matrix and the confusion accumulator for ``num_classes`` classes."""
         super().bind(num_classes, model)
-        initial = torch.ones if self.form == "code" else torch.zeros  # paper form: no penalty before a matrix
-        self.register_buffer("direction", initial(num_classes, num_classes, dtype=torch.float32))
+        if self.iterates:  # u1, v1 (and the warm start) instead of G: entries are formed where needed
+            self.register_buffer("subspace", CF.initial_subspace(num_classes))
+            self.register_buffer("top_pair", torch.zeros(num_classes, 2, dtype=torch.float64))
+        else:
+            initial = torch.ones if self.form == "code" else torch.zeros  # paper form: no penalty before a matrix
+            self.register_buffer("direction", initial(num_classes, num_classes, dtype=torch.float32))
         if self.confusion_source == "ema":
             self.register_buffer("ema_matrix", torch.zeros(num_classes, num_classes, dtype=torch.float64))
             self.register_buffer("ema_initialised", torch.zeros((), dtype=torch.bool))
@@ -173,6 +193,25 @@ class CSR(FairnessMethod):
         self.confusion.persistent(True)
 
     # ---------------------------------------------------------------- direction
+    @property
+    def per_step(self) -> bool:
+        """Whether the direction matrix is built anew every step (``batch``, ``ema``)."""
+        return self.confusion_source in PER_STEP_SOURCES
+
+    @property
+    def iterates(self) -> bool:
+        """Whether the per-step direction comes from the warm-started subspace iteration (no SVD, no sync)."""
+        return self.per_step and self.direction_solver == "power"
+
+    def _factored(self, u: Tensor, v: Tensor) -> CF.SpectralDirection:
+        return CF.SpectralDirection(u, v, rescale=self.rescale, guard=self.form == "code" or self.rescale)
+
+    def direction_matrix(self) -> Tensor:
+        """G (K, K) in use now (float32): the buffer of the SVD paths, or formed from u1, v1 of the last step."""
+        if not self.iterates:
+            return self.direction
+        return self._factored(self.top_pair[:, 0], self.top_pair[:, 1]).matrix().float()
+
     def direction_of(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
         """G from a direction matrix, and the matrix's singular values (float64).
 
@@ -187,7 +226,7 @@ class CSR(FairnessMethod):
     def on_train_epoch_start(self, context: EpochContext) -> dict[str, Tensor]:
         """Recompute G: from an attack pass over the training data, or from last epoch's stream."""
         self._source_stats = None
-        if self.confusion_source in PER_STEP_SOURCES:
+        if self.per_step:
             return {}
         if self.confusion_source == "epoch_pass":
             self.confusion.reset()
@@ -219,40 +258,54 @@ class CSR(FairnessMethod):
         with torch.no_grad(), eval_mode(context.model):
             return context.model(x_adv)
 
-    def _batch_matrix(self, contributions: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """The global batch's direction matrix (batch: its own; ema: the updated average) and class counts."""
+    def _batch_matrix(self, contributions: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The global batch's direction matrix (batch: its own; ema: the average), column scale, class counts.
+
+        ``matrix diag(scale)`` is the direction matrix: the ``batch`` source of the ``power`` solver leaves the
+        per-class 1/m_j as a scale (no K x K division); otherwise the scale is None.
+        """
         k = self.num_classes
-        local = torch.cat(
-            [
-                CF.surrogate_confusion(contributions.detach().double(), target).reshape(-1),
-                CF.counts_per_class(target, k).double(),
-            ]
-        )
+        local = contributions.new_zeros(k * k + k, dtype=torch.float64)
+        local[: k * k].view(k, k).index_add_(1, target, contributions.detach().double().t())
+        local[k * k :].index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
         total = sum_across_ranks(local)  # one all-reduce of K (K + 1) values per step under DDP
-        sums, counts = total[: k * k].reshape(k, k), total[k * k :]
+        sums, counts = total[: k * k].view(k, k), total[k * k :]
+        if self.confusion_source == "batch" and self.iterates and self.normalize:
+            return sums, 1.0 / counts.clamp_min(1.0), counts
         matrix = sums / counts.clamp_min(1.0) if self.normalize else sums
-        if self.confusion_source == "ema":
-            first = ~self.ema_initialised
-            updated = self.ema_decay * self.ema_matrix + (1.0 - self.ema_decay) * matrix
-            self.ema_matrix.copy_(torch.where(first, matrix, updated))
-            self.ema_initialised.fill_(True)
-            matrix = self.ema_matrix
-        return matrix, counts
+        if self.confusion_source == "batch":
+            return matrix, None, counts
+        weight = torch.where(self.ema_initialised, 1.0 - self.ema_decay, 1.0)  # the first step takes the matrix
+        self.ema_matrix.lerp_(matrix, weight.to(matrix))
+        self.ema_initialised.fill_(True)
+        return self.ema_matrix, None, counts
+
+    def _step_direction(self, contributions: Tensor, target: Tensor) -> tuple[Tensor | CF.SpectralDirection, Tensor]:
+        """The direction of this step's matrix (per-step sources), and the global batch's class counts."""
+        matrix, scale, counts = self._batch_matrix(contributions, target)
+        if not self.iterates:  # the reference: a float64 SVD (and the entry check: one host sync)
+            direction, singular = self.direction_of(matrix)
+            self.direction.copy_(direction)
+            self._record_source(singular)
+            return direction, counts
+        u, v, singular, basis = CF.top_singular_subspace(matrix, self.subspace, self.power_iterations, scale)
+        self.subspace.copy_(basis)
+        self.top_pair.copy_(torch.stack([u, v], dim=1))
+        self._record_source(singular)
+        return self._factored(u, v), counts
 
     def loss_adjustment(self, output: ObjectiveOutput, target: Tensor) -> LossAdjustment:
         """Code form: (1 - alpha) on the ce term + alpha (1/B) sum_k w_k CE_adv; paper form: + alpha sigma_max(L)."""
         contributions = None
         counts = None
-        direction = self.direction
-        if self.form == "paper" or self.confusion_source in PER_STEP_SOURCES:
+        if self.form == "paper" or self.per_step:
             contributions = CF.surrogate_contributions(
                 output.adv_logits, target, self.surrogate, self.gamma, self.margin, adv_ce=output.adv_ce
             )
-        if self.confusion_source in PER_STEP_SOURCES:
-            matrix, counts = self._batch_matrix(contributions, target)
-            direction, singular = self.direction_of(matrix)
-            self.direction.copy_(direction)
-            self._record_source(singular)
+        if self.per_step:
+            direction, counts = self._step_direction(contributions, target)
+        else:
+            direction = self.direction
         if self.form == "code":
             weights = CF.csr_weights(direction, output.adv_logits, target, self.include_diagonal)
             return LossAdjustment(
@@ -288,5 +341,6 @@ class CSR(FairnessMethod):
         return (
             f"alpha={self.alpha}, gamma={self.gamma}, form={self.form!r}, surrogate={self.surrogate!r}, "
             f"margin={self.margin!r}, confusion_source={self.confusion_source!r}, ema_decay={self.ema_decay}, "
-            f"include_diagonal={self.include_diagonal}, rescale={self.rescale}, normalize={self.normalize}"
+            f"include_diagonal={self.include_diagonal}, rescale={self.rescale}, normalize={self.normalize}, "
+            f"direction_solver={self.direction_solver!r}, power_iterations={self.power_iterations}"
         )

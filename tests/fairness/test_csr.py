@@ -164,7 +164,8 @@ def test_ema_source_averages_batch_matrices():
     expected = 0.75 * (0.75 * matrices[0] + 0.25 * matrices[1]) + 0.25 * matrices[2]
     torch.testing.assert_close(csr.ema_matrix, expected)
     u, v, _ = CF.top_singular_pair(expected)
-    torch.testing.assert_close(csr.direction, torch.outer(u, v).float())
+    torch.testing.assert_close(csr.direction_matrix(), torch.outer(u, v).float())
+    assert not hasattr(csr, "direction")  # the per-step sources keep u1, v1 (top_pair), not G
 
 
 def test_code_form_with_a_kl_surrogate_takes_g_from_the_kl_matrix():
