@@ -144,6 +144,126 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+# ------------------------------------------------------------------------------ stuck runs
+class StuckRunWatchdog:
+    """Ends the process when a stop signal arrives while the main thread is stuck in one native call.
+
+    Python runs a signal handler only between bytecodes of the main thread: a process waiting in a collective that
+    another rank never joins (or in any other blocking native call) ignores SIGTERM and Ctrl-C, and only SIGKILL
+    stops it, without a word. This watchdog sees the signal at once (``signal.set_wakeup_fd``: the interpreter's
+    C-level handler writes the signal number to a socket a daemon thread reads), then samples the main thread's
+    current frame (``sys._current_frames``). If that frame and its instruction stay the same for ``timeout``
+    seconds after the signal, the main thread is stuck: the watchdog prints what it saw and the stacks of every
+    thread (``faulthandler``) to stderr and exits with status 128 + the signal number, without saving (a checkpoint
+    needs the other ranks). A main thread that keeps running Python (the normal preemption path: finish the batch,
+    save, exit) is left alone. Signals other than ``signals`` are passed on to a wakeup fd set before.
+
+    Args:
+        timeout: seconds the main thread must stay in one call after the signal before the process is ended.
+        signals: the signals watched (default SIGTERM, SIGINT, SIGUSR1).
+    """
+
+    def __init__(self, timeout: float = 60.0, signals: tuple[int, ...] | None = None) -> None:
+        self.timeout = float(timeout)
+        self.signals = signals or tuple(
+            int(getattr(signal, name)) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)
+        )
+        self._sockets: tuple[Any, Any] | None = None
+        self._previous_fd = -1
+        self._thread: Any = None
+        self._stopped = False
+
+    def start(self) -> bool:
+        """Start watching (main thread only; False elsewhere or when already watching)."""
+        import socket
+        import threading
+
+        if self._sockets is not None or threading.current_thread() is not threading.main_thread():
+            return False
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        try:
+            self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main interpreter, or wakeup fds unsupported
+            reader.close()
+            writer.close()
+            return False
+        self._sockets = (reader, writer)
+        self._stopped = False
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, name="confspec-stuck-watchdog", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Stop watching and restore the previous wakeup fd."""
+        if self._sockets is None:
+            return
+        self._stopped = True
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(self._previous_fd)
+        reader, writer = self._sockets
+        self._sockets = None
+        with contextlib.suppress(OSError):
+            writer.close()
+        with contextlib.suppress(OSError):
+            reader.shutdown(2)  # wakes the thread's recv
+        self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            reader.close()
+
+    def _run(self) -> None:
+        reader = self._sockets[0] if self._sockets is not None else None
+        while reader is not None and not self._stopped:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if self._previous_fd != -1 and signum not in self.signals:
+                    with contextlib.suppress(OSError):
+                        os.write(self._previous_fd, bytes([signum]))
+                if signum in self.signals and not self._stopped:
+                    self._watch(signum)
+                    return
+
+    def _sample(self) -> tuple[int, int] | None:
+        import sys
+
+        frame = sys._current_frames().get(self._main)
+        return None if frame is None else (id(frame), frame.f_lasti)
+
+    def _watch(self, signum: int) -> None:
+        import time
+
+        last, since = self._sample(), time.monotonic()
+        while not self._stopped:
+            time.sleep(min(0.5, self.timeout / 4))
+            current = self._sample()
+            if current is None or current != last:
+                last, since = current, time.monotonic()
+                continue
+            if time.monotonic() - since >= self.timeout:
+                self._exit(signum)
+
+    def _exit(self, signum: int) -> None:
+        import faulthandler
+        import sys
+
+        name = signal.Signals(signum).name
+        sys.stderr.write(
+            f"\nconfspec: {name} received, but the main thread has been stuck in one call for {self.timeout:g} s "
+            "(under DDP: a collective that another process never joined); ending the process without saving "
+            f"(exit status {128 + signum}). The last checkpoint on disk is intact. Stacks of this process's threads:\n"
+        )
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+
 # ------------------------------------------------------------------------------ preemption
 class PreemptedExit(SystemExit):
     """Raised on every rank after :class:`PreemptionCheckpoint` saved its checkpoint; exits the process."""
@@ -183,6 +303,9 @@ class PreemptionCheckpoint(Callback):
             ``ModelCheckpoint`` with this filename, else of the first ``ModelCheckpoint``, else
             ``<default_root_dir>/checkpoints``.
         check_every_n_batches: under DDP, reduce the flag every this many training batches.
+        stuck_timeout: a stop signal (SIGTERM, SIGINT, SIGUSR1) that finds the main thread stuck in one native
+            call (a collective another rank never joins) for this many seconds ends the process with status
+            128 + the signal, printing the threads' stacks (:class:`StuckRunWatchdog`; every subcommand). 0: off.
     """
 
     def __init__(
@@ -191,6 +314,7 @@ class PreemptionCheckpoint(Callback):
         exit_code: int = PREEMPTION_EXIT_CODE,
         filename: str = "last",
         check_every_n_batches: int = 1,
+        stuck_timeout: float = 60.0,
     ) -> None:
         super().__init__()
         self.signals = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
@@ -203,6 +327,10 @@ class PreemptionCheckpoint(Callback):
             raise ValueError(f"preemption.check_every_n_batches={check_every_n_batches!r} must be an integer >= 1.")
         if check_every_n_batches < 1:
             raise ValueError(f"preemption.check_every_n_batches={check_every_n_batches!r} must be an integer >= 1.")
+        if isinstance(stuck_timeout, bool) or not isinstance(stuck_timeout, int | float) or not stuck_timeout >= 0:
+            raise ValueError(f"preemption.stuck_timeout={stuck_timeout!r} must be a number of seconds >= 0 (0: off).")
+        self.stuck_timeout = float(stuck_timeout)
+        self._watchdog: StuckRunWatchdog | None = None
         self.exit_code = exit_code
         self.filename = filename
         self.check_every_n_batches = check_every_n_batches
@@ -278,6 +406,17 @@ class PreemptionCheckpoint(Callback):
         self._exit(trainer, path, saved=True)
 
     # -------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.stuck_timeout > 0 and self._watchdog is None:
+            watchdog = StuckRunWatchdog(self.stuck_timeout)
+            if watchdog.start():
+                self._watchdog = watchdog
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)

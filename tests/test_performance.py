@@ -65,9 +65,17 @@ def test_fast_path_options_reject_bad_values(kwargs, message):
         make_module(**kwargs)
 
 
-def _csr_batch_bookkeeping(device: str, num_classes: int = 10, gamma: float = 0.1) -> RobustConfusionMatrix:
-    """One training batch of CSR bookkeeping: confusion update (streaming) and per-sample weights."""
-    csr = CSR(confusion_source="streaming", gamma=gamma, include_diagonal=False)
+FORMS_AND_SOURCES = [
+    (form, source) for form in ("code", "paper") for source in ("epoch_pass", "streaming", "batch", "ema")
+]
+
+
+def _csr_batch_bookkeeping(
+    device: str, num_classes: int = 10, gamma: float = 0.1, form: str = "code", source: str = "streaming"
+) -> RobustConfusionMatrix:
+    """One training batch of CSR bookkeeping: the direction (per-step sources), weights or penalty, the update."""
+    extra = {"include_diagonal": False} if form == "code" else {}
+    csr = CSR(form=form, confusion_source=source, gamma=gamma, **extra)
     csr.bind(num_classes)
     csr.to(device)
     logits = torch.randn(16, num_classes, device=device)
@@ -80,14 +88,43 @@ def _csr_batch_bookkeeping(device: str, num_classes: int = 10, gamma: float = 0.
     return csr.confusion
 
 
-def test_csr_batch_bookkeeping_reads_no_data_on_the_host():
+@pytest.mark.parametrize(("form", "source"), FORMS_AND_SOURCES)
+def test_csr_batch_bookkeeping_reads_no_data_on_the_host(form, source):
     """On the meta device tensors have no data: any host read (.item(), bincount's data-dependent size,
-    a Python branch on a value) raises. The per-batch CSR path must run there, so it can never
-    synchronise the host with an accelerator inside the training step."""
-    confusion = _csr_batch_bookkeeping("meta")
+    a Python branch on a value) raises. The per-batch CSR path of both forms and every source (the per-step
+    sources' direction included: subspace iteration, no SVD) must run there, so it can never synchronise the
+    host with an accelerator inside the training step."""
+    confusion = _csr_batch_bookkeeping("meta", form=form, source=source)
     assert confusion.errors.device.type == "meta"
     with pytest.raises((NotImplementedError, RuntimeError)):
         torch.bincount(torch.zeros(3, dtype=torch.long, device="meta"), minlength=10)  # the old update did this
+
+
+def test_the_svd_solver_is_the_one_that_reads_the_host():
+    """The reference solver (a float64 SVD after checking the matrix's entries) does read the host: the meta device
+    tells the two paths apart, so the test above would catch a host read coming back into the default one."""
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        csr = CSR(form="paper", direction_solver="svd")
+        csr.bind(10)
+        csr.to("meta")
+        logits = torch.randn(16, 10, device="meta")
+        target = torch.randint(0, 10, (16,), device="meta")
+        output = ObjectiveOutput(terms={"ce": logits[:, 0]}, coefficients={"ce": 1.0}, adv_logits=logits,
+                                 adv_ce=logits[:, 0])  # fmt: skip
+        csr.loss_adjustment(output, target)
+
+
+@pytest.mark.parametrize(("form", "source"), [("code", "epoch_pass"), ("paper", "batch"), ("code", "ema")])
+def test_the_whole_training_step_reads_no_data_on_the_host(form, source):
+    """Attack, objective, every CSR term, the NaN guard (read every N steps: nonfinite_check_interval > 1),
+    the epoch means and the training confusion: the module's training_step on the meta device."""
+    module = make_module(fairness=[CSR(form=form, confusion_source=source)])
+    module.nonfinite_check_interval = 100
+    module.to("meta")
+    x = torch.rand(8, 1, 8, 8, device="meta")
+    y = torch.randint(0, 10, (8,), device="meta")
+    loss = module.training_step((x, y), 0)
+    assert loss.device.type == "meta" and loss.shape == ()
 
 
 def test_confusion_counts_match_a_reference_count():
@@ -106,10 +143,11 @@ def test_confusion_counts_match_a_reference_count():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host-device syncs exist only there)")
-def test_csr_batch_bookkeeping_does_not_synchronise_cuda():
+@pytest.mark.parametrize(("form", "source"), FORMS_AND_SOURCES)
+def test_csr_batch_bookkeeping_does_not_synchronise_cuda(form, source):
     torch.cuda.set_sync_debug_mode("error")
     try:
-        confusion = _csr_batch_bookkeeping("cuda", num_classes=200)
+        confusion = _csr_batch_bookkeeping("cuda", num_classes=200, form=form, source=source)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(confusion.class_counts.sum()) == 16

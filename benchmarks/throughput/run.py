@@ -16,6 +16,9 @@ Sections (``--sections``):
   ``torch.utils.flop_counter``) and, on a GPU, the fraction of its peak bf16 FLOP/s; peak memory.
 * ``classes``: CSR bookkeeping (confusion update, weights, SVD) for K = 10, 200, 1000 on synthetic logits,
   against the measured step; a real 200-class run (Tiny-ImageNet subset of ``../shared/data``) when present.
+* ``csr_cost``: a real Trainer's step of TRADES + CSR over TRADES alone for K = 10, 100, 200, 1000, both forms
+  and every direction source (``epoch_pass``, ``streaming``, ``batch``, ``ema``), with a realistic backbone
+  (CPU: the small CNN; CUDA: PreActResNet-18) and a tiny linear one (CSR's bookkeeping alone shows).
 * ``data``: share of the step spent between steps (fetch, transfer, uint8 -> float, crop/flip) with the
   DataLoader and with ``data.on_device``.
 * ``ddp``: CPU only: 1 process vs 2 gloo processes (weak and strong scaling).
@@ -179,10 +182,11 @@ class Config:
     label: str
     kind: str  # "plain" or "module"
     precision: str = "32-true"
-    csr: str | None = None  # None, "streaming", "epoch_pass" (module) / "authors" (plain)
+    csr: str | None = None  # None, "streaming", "epoch_pass", "batch", "ema" (module) / "authors" (plain)
     channels_last: bool = False
     compile: bool = False
     on_device: bool = False
+    csr_form: str = "code"  # the CSR form of the module configurations
 
 
 STEP_CONFIGS = [
@@ -226,7 +230,7 @@ class Runner:
             self.optimizer = optimizer(self.model.parameters())
             self.direction = torch.ones(num_classes, num_classes, device=device)
         else:
-            fairness = [CSR(confusion_source=config.csr)] if config.csr else []
+            fairness = [CSR(form=config.csr_form, confusion_source=config.csr)] if config.csr else []
             self.module = RobustFairLitModule(
                 backbone=backbone,
                 num_classes=num_classes,
@@ -507,6 +511,102 @@ def section_classes(device: torch.device, args: argparse.Namespace, step_seconds
     return result
 
 
+#: section csr_cost: the class counts, and every (form, source) of CSR next to TRADES
+CSR_COST_CLASSES = (10, 100, 200, 1000)
+CSR_COST_CONFIGS = [Config("TRADES", "module")] + [
+    Config(f"CSR {form} {source}", "module", csr=source, csr_form=form)
+    for form in ("code", "paper")
+    for source in ("epoch_pass", "streaming", "batch", "ema")
+]
+
+
+class TinyNet(nn.Module):
+    """A linear classifier on 3x8x8 images: a step costs little, so CSR's bookkeeping shows."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+def csr_cost_setups(device: torch.device, args: argparse.Namespace) -> dict[str, Callable[[int], Setup]]:
+    """(backbone kind) -> K -> Setup: a realistic backbone for the device and a tiny one."""
+    if device.type == "cpu":
+        real = lambda k: Setup(  # noqa: E731
+            "smallcnn (DigitsCNN width 16, 32x32x3)", lambda n: DigitsCNN(n, in_channels=3, width=16), 64
+        )
+    else:
+        real = lambda k: Setup(  # noqa: E731
+            f"PreActResNet-18 ({'32x32' if k <= 100 else '64x64'}x3)",
+            lambda n: PreActResNet18(n),
+            128,
+            (3, 32, 32) if k <= 100 else (3, 64, 64),
+        )
+    tiny = lambda k: Setup(  # noqa: E731
+        "tiny (linear, 8x8x3)", TinyNet, 256, (3, 8, 8), AttackConfig(eps=8 / 255, step=2 / 255, steps=2)
+    )
+    kinds = {"real": real, "tiny": tiny}
+    return {key: kinds[key] for key in args.csr_cost_backbones}
+
+
+def section_csr_cost(device: torch.device, args: argparse.Namespace) -> dict:
+    """Step time of TRADES + CSR (both forms, every source) over TRADES alone, per K and backbone, side by side.
+
+    The epoch pass of ``epoch_pass`` runs before the epoch's first step, so its steps cost what streaming's do; its
+    pass is reported apart (``epoch_pass_ms``) and as a share of an epoch of ``steps_per_epoch`` steps.
+    """
+    tables = []
+    for kind, make_setup in csr_cost_setups(device, args).items():
+        for k in args.csr_cost_classes:
+            setup = make_setup(k)
+            batch = setup.batch_size
+            data = SyntheticImages(batch * (args.steps + args.warmup + 2), setup.input_shape, num_classes=k,
+                                   batch_size=batch)  # fmt: skip
+            data.setup()
+            print(f"[csr_cost] {kind}: {setup.name}, K={k}, batch {batch}, {device}", flush=True)
+            runners = [Runner(config, setup, device, k, data) for config in CSR_COST_CONFIGS]
+            interleaved(runners, args.repeats, args.steps, args.warmup)
+            trades = runners[0].timing.step
+            rows = []
+            for runner in runners:
+                t = runner.timing
+                start = statistics.median(t.epoch_starts) if t.epoch_starts else None
+                rows.append(
+                    {
+                        "config": runner.config.label,
+                        "step_ms": 1000 * t.step,
+                        "ratio": t.step / trades,
+                        "epoch_start_ms": None if start is None else 1000 * start,
+                        "samples": len(t.periods),
+                    }
+                )
+            pass_rows = {r["config"]: r for r in rows}
+            steps_per_epoch = {10: 391, 100: 391, 200: 782, 1000: 5005}[k]
+            for form in ("code", "paper"):
+                epoch_pass, streaming = pass_rows[f"CSR {form} epoch_pass"], pass_rows[f"CSR {form} streaming"]
+                extra = epoch_pass["epoch_start_ms"] - streaming["epoch_start_ms"]
+                epoch_pass["epoch_pass_ms"] = extra
+                # the pass attacks every training batch once: per step it costs extra / (steps timed in that epoch)
+                per_step = extra / (args.steps + args.warmup + 1)
+                epoch_pass["ratio_with_pass"] = (epoch_pass["step_ms"] + per_step) / (1000 * trades)
+            tables.append(
+                {
+                    "backbone": kind,
+                    "setup": setup.name,
+                    "classes": k,
+                    "batch_size": batch,
+                    "attack_steps": setup.attack.steps,
+                    "steps_per_epoch_assumed": steps_per_epoch,
+                    "rows": rows,
+                }
+            )
+            worst = max(r["ratio"] for r in rows)
+            print(f"[csr_cost] {kind} K={k}: TRADES {1000 * trades:.1f} ms; largest ratio {worst:.3f}", flush=True)
+    return {"tables": tables}
+
+
 def tinyimagenet_run(root: Path, device: torch.device, args: argparse.Namespace) -> dict:
     """A real 200-class run: TRADES vs TRADES + CSR (streaming) on Tiny-ImageNet images, side by side."""
     from confspec_lightning.data import TinyImageNetDataModule
@@ -684,6 +784,34 @@ def markdown(result: dict) -> str:
         else:
             lines += ["", f"Real 200-class run: {tin}."]
         lines.append("")
+    if "csr_cost" in result:
+        lines += [
+            "CSR's cost per training step over TRADES alone (median step ratio, measured side by side; the epoch "
+            "pass of `epoch_pass` runs before an epoch's first step and is given apart, and amortised over the "
+            "steps of that timed epoch):",
+            "",
+            "| backbone | K | batch | attack steps | TRADES ms | "
+            + " | ".join(c.label.removeprefix("CSR ") for c in CSR_COST_CONFIGS[1:])
+            + " |",
+            "|" + "---|" * (4 + len(CSR_COST_CONFIGS)),
+        ]
+        for table in result["csr_cost"]["tables"]:
+            rows = {r["config"]: r for r in table["rows"]}
+            cells = [
+                table["setup"],
+                str(table["classes"]),
+                str(table["batch_size"]),
+                str(table["attack_steps"]),
+                f"{rows['TRADES']['step_ms']:.1f}",
+            ]
+            for config in CSR_COST_CONFIGS[1:]:
+                row = rows[config.label]
+                cell = f"{row['ratio']:.3f}"
+                if "ratio_with_pass" in row:
+                    cell += f" ({row['ratio_with_pass']:.2f} with the pass)"
+                cells.append(cell)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     if "data" in result:
         d = result["data"]
         lines += [f"Data path ({d['setup']}, batch {d['batch_size']}, 50 000 uint8 CIFAR-size images):", ""]
@@ -706,7 +834,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=None)
-    parser.add_argument("--sections", nargs="+", choices=["steps", "classes", "data", "ddp"], default=None)
+    parser.add_argument("--sections", nargs="+", choices=["steps", "classes", "csr_cost", "data", "ddp"], default=None)
+    parser.add_argument("--csr-cost-classes", nargs="+", type=int, default=list(CSR_COST_CLASSES))
+    parser.add_argument("--csr-cost-backbones", nargs="+", choices=["real", "tiny"], default=["real", "tiny"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: the set-up's")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration and round")
     parser.add_argument(
@@ -739,9 +869,7 @@ def main() -> None:
     args.setups = args.setups or (["smallcnn"] if device.type == "cpu" else ["preact18", "wrn34"])
     if args.memory_probe:
         return cpu_memory_probe(args)
-    sections = args.sections or (
-        ["steps", "classes", "data", "ddp"] if device.type == "cpu" else ["steps", "classes", "data"]
-    )
+    sections = args.sections or ["steps", "classes", "csr_cost", "data", *(["ddp"] if device.type == "cpu" else [])]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the authors' recipe)
@@ -765,6 +893,8 @@ def main() -> None:
             rows = {r["config"]: r for r in result["steps"][0]["rows"]}
             reference = rows[STEP_CONFIGS[2].label]["step_ms"] / 1000
         result["classes"] = section_classes(device, args, reference)
+    if "csr_cost" in sections:
+        result["csr_cost"] = section_csr_cost(device, args)
     if "data" in sections:
         result["data"] = section_data(args.setups[0], device, args)
     if "ddp" in sections and device.type == "cpu":

@@ -10,6 +10,10 @@ examples training made, summed over ranks), from epoch ``warmup_epochs`` on (doc
   trained model on the validation split is >= threshold, average <- decay * average + (1 - decay) * model
   over the whole state (parameters and float buffers; the first accepted epoch copies the model).
   Validation, test and predict then use the averaged weights; the trained weights stay in ``net``.
+
+The average is not a buffer: DDP would broadcast a second copy of the model from rank 0 at every step. It is the
+method's *extra state* (``fairness.<i>._extra_state`` in checkpoints), identical on every rank because it averages
+the weights DDP keeps identical, and it follows the model's device when it is updated.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ class CFA(FairnessMethod):
         self.average_threshold = average_threshold
         self.average_eval_steps = average_eval_steps
         self._calibrated = False
-        self._average_keys: dict[str, str] = {}
+        #: the averaged state of the network (its state-dict keys); empty until bound
+        self.average: dict[str, Tensor] = {}
 
     def bind(self, num_classes: int, model: nn.Module | None = None) -> None:
         """R_c (ones until measured), the training-confusion accumulator and the averaged state."""
@@ -117,14 +122,34 @@ class CFA(FairnessMethod):
         self.register_buffer("average_updates", torch.zeros((), dtype=torch.long))
         self.train_confusion = RobustConfusionMatrix(num_classes)
         self.train_confusion.persistent(True)
-        self.average = nn.Module()
         if self.weight_average:
             if model is None:
                 raise ValueError("cfa.weight_average needs the model at bind time (RobustFairLitModule passes it).")
-            for key, value in model.state_dict().items():
-                name = key.replace(".", "__")
-                self._average_keys[key] = name
-                self.average.register_buffer(name, torch.zeros_like(value))
+            self.average = {key: torch.zeros_like(value) for key, value in model.state_dict().items()}
+
+    # ---------------------------------------------------- the averaged state
+    def get_extra_state(self) -> dict[str, Tensor]:
+        """The averaged state (checkpoints carry it as ``_extra_state``; plain tensors: ``weights_only`` loads)."""
+        return dict(self.average)
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        if self.weight_average:
+            missing = sorted(set(self.average) - set(state))
+            if missing:
+                raise ValueError(f"CFA: the checkpoint's weight average lacks {missing[:5]} (another network?).")
+            self.average = {key: state[key].to(self.average[key]) for key in self.average}
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # checkpoints of 0.1 kept the average as buffers average.<key with '.' -> '__'>
+        old = [key for key in state_dict if key.startswith(prefix + "average.")]
+        if not old and not self.weight_average:  # nothing averaged: an older checkpoint has no extra state
+            state_dict.setdefault(prefix + "_extra_state", {})
+        if old and prefix + "_extra_state" not in state_dict:
+            names = {key.replace(".", "__"): key for key in self.average}
+            state_dict[prefix + "_extra_state"] = {
+                names.get(key[len(prefix + "average.") :], key): state_dict.pop(key) for key in old
+            }
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------ calibration
     def on_train_epoch_start(self, context: EpochContext) -> dict[str, Tensor]:
@@ -172,15 +197,15 @@ class CFA(FairnessMethod):
         accepted = bool(worst >= self.average_threshold)
         if accepted:
             current = context.model.state_dict()
-            average = {key: self.average.get_buffer(name) for key, name in self._average_keys.items()}
-            ema_update(average, current, self.average_decay, first=int(self.average_updates) == 0)
+            self.average = {key: value.to(current[key].device) for key, value in self.average.items()}
+            ema_update(self.average, current, self.average_decay, first=int(self.average_updates) == 0)
             self.average_updates += 1
         return {"cfa/val_robust_acc_worst": worst, "cfa/average_updated": torch.tensor(float(accepted))}
 
     def evaluation_weights(self) -> dict[str, Tensor] | None:
         if not self.weight_average or int(self.average_updates) == 0:
             return None
-        return {key: self.average.get_buffer(name) for key, name in self._average_keys.items()}
+        return dict(self.average)
 
     def classwise_state(self) -> dict[str, Tensor]:
         state = {"train_robust_acc": self.train_robust_acc.float()}

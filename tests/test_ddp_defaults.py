@@ -1,0 +1,148 @@
+"""DDP as users run it: the Trainer's defaults (progress bar, logger, checkpointing), 2 and 3 gloo processes.
+
+Collectives hide in hooks (metric syncs, checkpoint dumps, the logged values' reduction). Each must run on every
+rank in the same order whatever callbacks are on: the progress bar once reduced the epoch's logged values on
+rank 0 alone while the other ranks were in a metric's sync, and the README's DDP command hung. Every shipped
+digits recipe runs fit (2 epochs) + validate + test on 2 and on 3 processes; a rank still running after its
+timeout prints every thread's stack and fails (``tests/ddp_worker.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import PGD_ONLY, ROOT, run_confspec
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
+DIGITS = sorted(str(p) for p in (ROOT / "configs" / "digits").glob("*.yaml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world_size: int, out, configs: list[str], timeout: float) -> list[str]:
+    """Run ``tests/ddp_worker.py`` as ``world_size`` ranks (torchrun's environment); the ranks' logs."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    processes, logs = [], []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "NODE_RANK": "0",
+        }
+        log = out / f"rank{rank}.log"
+        logs.append(log)
+        command = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), "--out", str(out), "--timeout", str(timeout)]
+        with open(log, "w") as handle:
+            processes.append(subprocess.Popen([*command, *configs], cwd=out, env=env, stdout=handle, stderr=handle))
+    deadline = time.monotonic() + timeout + 60
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes.append(process.wait())
+    texts = [log.read_text() for log in logs]
+    if any(codes):
+        ranks = enumerate(zip(codes, texts, strict=True))
+        report = "\n".join(f"--- rank {r} (exit {c}) ---\n{t[-6000:]}" for r, (c, t) in ranks)
+        pytest.fail(f"a DDP rank failed or hung:\n{report}")
+    return texts
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_digits_recipe_fits_validates_and_tests_with_default_settings(tmp_path, world_size):
+    texts = launch(world_size, tmp_path, DIGITS, timeout=420)
+    assert "Epoch 1" in texts[0]  # the progress bar was on (rank 0 draws it)
+    results = [json.loads((tmp_path / f"results_rank{r}.json").read_text()) for r in range(world_size)]
+    assert set(results[0]) == {p.rsplit("/", 1)[1].removesuffix(".yaml") for p in DIGITS}
+    for other in results[1:]:
+        assert other == results[0]  # every rank holds the same global report
+    for name, report in results[0].items():
+        assert sum(report["test_counts"]) == 360, name  # every test image once: no padding
+        assert (tmp_path / "runs" / name / "version_0" / "evaluation" / "evaluation.json").is_file()
+
+
+def test_readme_ddp_command_finishes_with_lightnings_own_launcher(tmp_path):
+    """The README's command (Lightning starts the second rank), progress bar and logger on, then validate and test
+    on the best checkpoint on 2 processes: the per-class counts are one process's (no repeated image)."""
+    common = ["--config", "digits/trades_csr", "--trainer.limit_train_batches=2"]
+    common += ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    common += ["--model.init_args.train_attack.steps=1", "--model.init_args.eval_attack.steps=1"]
+    common += [f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--preemption.stuck_timeout=20"]
+    fit = run_confspec("fit", *common, "--trainer.max_epochs=2", cwd=tmp_path, timeout=400)
+    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-6000:]
+    version = "--trainer.logger.init_args.version=0"
+    test = run_confspec("test", *common, version, "--ckpt_path=best", PGD_ONLY, cwd=tmp_path, timeout=400)
+    assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-6000:]
+    report = json.loads(next((tmp_path / "runs").glob("*/version_0/evaluation/evaluation.json")).read_text())
+    assert sum(report["class_counts"]) == 360
+
+
+HANG = '''
+import torch.distributed as dist
+from lightning.pytorch import Callback
+
+
+class CollectiveOnRankOne(Callback):
+    """A broken callback: rank 1 alone joins a collective at the end of the first training epoch."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            open("stuck", "w").close()  # noqa: SIM115 - tells the test the ranks now wait in different collectives
+            dist.barrier()
+'''
+
+
+def test_sigterm_ends_a_run_stuck_in_a_collective_with_the_stacks(tmp_path):
+    """A collective that only one rank joins hangs the job; SIGTERM (as a scheduler or `kill` sends it) ends it
+    within the watchdog's timeout, with a message and the threads' stacks, instead of needing SIGKILL."""
+    (tmp_path / "hang.py").write_text(HANG)
+    args = ["fit", "--config", "digits/trades_csr", "--trainer.accelerator=cpu", "--trainer.devices=2"]
+    args += ["--trainer.strategy=ddp", "--trainer.max_epochs=2", "--trainer.limit_train_batches=2"]
+    args += ["--model.init_args.train_attack.steps=1", "--model.init_args.eval_attack.steps=1"]
+    args += ["--trainer.callbacks+=hang.CollectiveOnRankOne", "--preemption.stuck_timeout=5"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "log.txt", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "confspec_lightning", *args], cwd=tmp_path, env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "stuck").exists():
+            assert process.poll() is None, (tmp_path / "log.txt").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run never reached the broken collective"
+            time.sleep(0.2)
+        time.sleep(3)  # both ranks are now waiting in different collectives
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = (tmp_path / "log.txt").read_text()
+    assert code == 128 + signal.SIGTERM, text[-4000:]
+    assert elapsed < 60, elapsed
+    assert "SIGTERM received, but the main thread has been stuck in one call for 5 s" in text
+    assert "Stacks of this process's threads" in text and "most recent call first" in text
