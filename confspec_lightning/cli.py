@@ -69,7 +69,21 @@ class ConfspecTrainer(Trainer):
 
 
 class ConfspecCLI(LightningCLI):
-    """LightningCLI with the links and defaults of confspec-lightning."""
+    """LightningCLI with the links and defaults of confspec-lightning.
+
+    ``only_subcommand``: build the parser of that subcommand alone (the command line names it): Lightning builds
+    one parser per subcommand, each with every Trainer, model and data argument, which is most of the start-up.
+    """
+
+    def __init__(self, *args: Any, only_subcommand: str | None = None, **kwargs: Any) -> None:
+        self.only_subcommand = only_subcommand
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        """Lightning's subcommands, or the requested one alone (see the class docstring)."""
+        every = LightningCLI.subcommands()
+        only = getattr(self, "only_subcommand", None)
+        return {only: every[only]} if only in every else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Two checkpoint callbacks: the best one by worst-class robust accuracy, and last.ckpt after every
@@ -125,7 +139,41 @@ class ConfspecCLI(LightningCLI):
                     print(f"resuming the run {run} (logger version {version!r})", flush=True)
             if subcommand == "fit" and run is not None:  # its checkpoints are there on purpose
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        super()._parse_ckpt_path()
+        # Lightning's own _parse_ckpt_path would re-parse the checkpoint's saved hyperparameters over the config, so
+        # the checkpoint's test attacks, eval batch or eval_attack would win over the command line and --config
+        # files; here the config as given is what runs, and what the checkpoint fixes is checked once the model
+        # is built (check_checkpoint_fixes, in before_<subcommand>)
+
+    #: The module arguments a checkpoint fixes: its weights only fit a model built with these.
+    CHECKPOINT_FIXES = ("backbone", "num_classes", "input_mean", "input_std", "fairness")
+
+    def check_checkpoint_fixes(self) -> None:
+        """Refuse a config that builds another model than the one the checkpoint holds (clear error, no traceback).
+
+        The architecture and class count (else its weights do not load, or load into another network), the input
+        normalisation (the Normalize buffers would be overwritten by the checkpoint's: a silent change of the
+        input convention) and the fairness methods (their state lives in the checkpoint).
+        """
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        if not path or not Path(str(path)).is_file():
+            return
+        import torch
+
+        saved = torch.load(str(path), map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+        built = dict(getattr(self.model, "hparams", {}))
+        conflicts = []
+        for key in self.CHECKPOINT_FIXES:
+            if key in saved and key in built and _plain(saved[key]) != _plain(built[key]):
+                conflicts.append(f"{key}: checkpoint {_short(saved[key])}, config {_short(built[key])}")
+        if conflicts:
+            run = Path(str(path)).parent.parent / "config.yaml"
+            hint = f"--config {run}" if run.is_file() else "the config the checkpoint was trained with"
+            raise ValueError(
+                f"--ckpt_path {path} holds another model than the config builds ({'; '.join(conflicts)}); the "
+                f"checkpoint fixes {', '.join(self.CHECKPOINT_FIXES)}: pass {hint} (options such as test_attacks, "
+                "eval_attack and the data's batch sizes may still be changed)."
+            )
 
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]
@@ -134,6 +182,7 @@ class ConfspecCLI(LightningCLI):
         # false` opts out for a trusted file)
         if config.get("weights_only") is None:
             config["weights_only"] = True
+        self.check_checkpoint_fixes()
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
@@ -146,6 +195,22 @@ class ConfspecCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path()
+
+
+def _plain(value: Any) -> Any:
+    """A hyperparameter as plain data (jsonargparse Namespaces and tuples as dicts and lists), for comparison."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "_instantiator"}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = repr(_plain(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 #: Top-level config keys of every subcommand (for "did you mean" on a typo'd one).
@@ -166,6 +231,8 @@ class ConfspecArgumentParser(LightningArgumentParser):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
     """Parse ``args`` (default: ``sys.argv``), instantiate and, with ``run``, run the subcommand."""
+    argv = sys.argv[1:] if args is None else args
+    requested = argv[0] if argv and not argv[0].startswith("-") else None
     return ConfspecCLI(
         RobustFairLitModule,
         LightningDataModule,
@@ -185,6 +252,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
         parser_class=ConfspecArgumentParser,
         args=args,
         run=run,
+        only_subcommand=requested,
     )
 
 

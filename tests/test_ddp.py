@@ -222,21 +222,24 @@ def run(processes: int, *args: str, cwd) -> None:
 
 def test_ddp_validation_and_test_equal_one_process_exactly(tmp_path):
     """One checkpoint, evaluated on 1, 2 and 3 processes: every image counted once (no padding), each image's PGD
-    start drawn from its index, AutoAttack seeded by the batch's number in one process's pass: identical reports."""
+    start drawn from its index, AutoAttack seeded by the batch's number in one process's pass: identical reports,
+    and one identical predictions.csv."""
     fit = tmp_path / "fit"
     run(1, "fit", *eval_args(fit, 1), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", cwd=fit)
     checkpoint = next(fit.glob("*/version_0/checkpoints/last.ckpt"))
     reports = {}
     for processes in (1, 2, 3):
         out = tmp_path / f"eval{processes}"
-        for command in ("validate", "test"):
+        for command in ("validate", "test", "predict"):
             run(processes, command, *eval_args(out, processes), f"--ckpt_path={checkpoint}", cwd=out)
         val = EvaluationReport.load_json(next(out.glob("*/version_*/classwise_val.json")))
         test = json.loads(next(out.glob("*/version_*/evaluation/evaluation.json")).read_text())
+        predictions = next(out.glob("*/version_*/predictions.csv")).read_text()
         reports[processes] = (val.class_counts, {k: v.classwise_acc for k, v in val.attacks.items()},
-                              val.robust.confusion, test["class_counts"], test["attacks"])  # fmt: skip
+                              val.robust.confusion, test["class_counts"], test["attacks"], predictions)  # fmt: skip
     assert sum(reports[1][0]) == 270 and sum(reports[1][3]) == 360
     assert set(reports[1][4]) == {"clean", "pgd3", "autoattack"}
+    assert len(reports[1][5].splitlines()) == 361  # the header and one row per test image
     assert reports[2] == reports[1]
     assert reports[3] == reports[1]
 

@@ -79,7 +79,7 @@ def test_every_digits_recipe_fits_validates_and_tests_with_default_settings(tmp_
     for other in results[1:]:
         assert other == results[0]  # every rank holds the same global report
     for name, report in results[0].items():
-        assert sum(report["test_counts"]) == 360, name  # every test image once: no padding
+        assert sum(report["val_counts"]) == 270 and sum(report["test_counts"]) == 360, name  # each image once
         assert (tmp_path / "runs" / name / "version_0" / "evaluation" / "evaluation.json").is_file()
 
 

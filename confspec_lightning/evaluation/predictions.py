@@ -22,8 +22,9 @@ class PredictionWriter(BasePredictionWriter):
     """Writes the predictions of ``predict`` to ``predictions.csv`` in the run directory and says where.
 
     ``index`` is the sample's position in the predict data set (the test split for the shipped data modules).
-    Under DDP every rank writes its share to ``predictions_rank<r>.csv`` (a ``DistributedSampler`` may repeat
-    a few samples to even out the ranks; the index tells them apart).
+    Under DDP the ranks' rows are gathered and rank 0 writes the one file, sorted by index (the shipped data
+    modules deal whole batches to the ranks, so each sample appears once; another loader's repeated samples keep
+    one row each).
 
     Args:
         directory: where to write (default: the trainer's log directory, else the working directory).
@@ -59,14 +60,21 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = Path(self.directory or trainer.log_dir or ".")  # log_dir: a collective under DDP
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
-        self.path = directory / name
+        rows = self._rows
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)  # every rank: a collective
+            rows = [row for part in gathered for row in part]
+        if not trainer.is_global_zero:
+            return
+        unique = {row[0]: row for row in rows}  # a repeated (padded) sample keeps one row
+        self.path = directory / "predictions.csv"
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(COLUMNS)
-        writer.writerows(sorted(self._rows, key=lambda row: row[0]))
+        writer.writerows(sorted(unique.values(), key=lambda row: row[0]))
         atomic_write_text(self.path, buffer.getvalue())
-        print(f"predictions of {len(self._rows)} samples written to {self.path}", flush=True)
+        print(f"predictions of {len(unique)} samples written to {self.path}", flush=True)
 
 
 def read_predictions(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,9 @@ from confspec_lightning.objectives import ObjectiveOutput, combine_terms
 
 from helpers import make_module, make_trainer, trades_output
 
+#: a deterministic training attack (no random start): a resumed fit repeats an uninterrupted one
+QUICK_NO_START = AttackConfig(eps=0.1, step=0.04, steps=3, random_start=False)
+
 
 # --------------------------------------------------------------------- CFA
 def test_cfa_class_eps_and_trades_weights_hand_computed():
@@ -78,3 +81,43 @@ def test_cfa_evaluates_the_averaged_weights(chdir_tmp):
     torch.testing.assert_close(seen["w"], average["backbone.features.0.weight"])  # test ran on the average
     for key, value in module.net.state_dict().items():
         torch.testing.assert_close(value, trained[key])  # and the trained weights are back
+
+
+def test_the_weight_average_is_no_buffer_and_a_checkpoint_restores_it_exactly(chdir_tmp):
+    """DDP broadcasts every buffer from rank 0 at each step: the average (a copy of the model) is the method's extra
+    state instead, saved in the checkpoint (fairness.0._extra_state) and restored bit for bit, and a fit resumed
+    from epoch 1's checkpoint ends with the average of an uninterrupted one."""
+    dm = DigitsDataModule(batch_size=64, shuffle=False)
+    options = dict(warmup_epochs=1, average_threshold=0.0, average_eval_steps=2)
+    trainer_options = dict(limit_train_batches=2, enable_checkpointing=True, deterministic=True)
+    module = make_module(fairness=[CFA(**options)], train_attack=QUICK_NO_START)
+    assert not [name for name, _ in module.named_buffers() if "average." in name]
+    make_trainer(max_epochs=3, **trainer_options).fit(module, dm)
+    uninterrupted = {k: v.clone() for k, v in module.fairness[0].evaluation_weights().items()}
+
+    first = make_module(fairness=[CFA(**options)], train_attack=QUICK_NO_START)
+    trainer = make_trainer(max_epochs=2, **trainer_options)
+    trainer.fit(first, dm)
+    trainer.save_checkpoint("epoch1.ckpt")
+    state = torch.load("epoch1.ckpt", weights_only=True)["state_dict"]
+    saved = state["fairness.0._extra_state"]
+    assert set(saved) == set(first.net.state_dict())
+    for key, value in first.fairness[0].evaluation_weights().items():
+        assert torch.equal(saved[key], value)
+    resumed = make_module(fairness=[CFA(**options)], train_attack=QUICK_NO_START)
+    make_trainer(max_epochs=3, **trainer_options).fit(resumed, dm, ckpt_path="epoch1.ckpt")
+    for key, value in resumed.fairness[0].evaluation_weights().items():
+        torch.testing.assert_close(value, uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_checkpoint_with_the_old_average_buffers_still_loads():
+    module = make_module(fairness=[CFA(warmup_epochs=1)])
+    state = module.state_dict()
+    average = state.pop("fairness.0._extra_state")
+    for key in average:  # 0.1 stored the average as buffers named average.<key with '.' -> '__'>
+        state["fairness.0.average." + key.replace(".", "__")] = torch.full_like(average[key], 0.5)
+    module.load_state_dict(state)
+    restored = module.fairness[0].average
+    assert set(restored) == set(average) and all(
+        torch.all(v == 0.5) for v in restored.values() if v.is_floating_point()
+    )
