@@ -213,6 +213,10 @@ def _short(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: The command ``main`` runs (its arguments after recipe names are resolved, and ``--debug``), for the parser's
+#: error path, which Lightning calls with no access to them.
+_COMMAND: dict[str, Any] = {"argv": [], "debug": False}
+
 #: Top-level config keys of every subcommand (for "did you mean" on a typo'd one).
 TOP_LEVEL_KEYS = ["trainer", "model", "data", "checkpoint", "last_checkpoint", "preemption", "seed_everything"]
 
@@ -221,10 +225,13 @@ class ConfspecArgumentParser(LightningArgumentParser):
     """Parse errors as one line: where, the innermost reason, the closest valid names (``--debug``: in full)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
-        if not self.exit_on_error or errors.debug_requested(sys.argv):
+        argv = _COMMAND["argv"] or sys.argv[1:]
+        if not self.exit_on_error or _COMMAND["debug"] or errors.debug_requested(argv):
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
         summary = errors.summarize_parse_error(message, TOP_LEVEL_KEYS)
+        if "Problems parsing config" in message:  # a YAML syntax error: name the file, the reason and the line
+            summary = errors.config_file_problem(argv) or summary
         sys.stderr.write(f"{prog}: error: {summary}  [--help lists the options; --debug: the parser's message]\n")
         sys.exit(errors.USAGE_EXIT)
 
@@ -351,6 +358,7 @@ def main(args: list[str] | None = None) -> None:
         argv = resolve_recipes(argv)
         if args is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
             sys.argv[1:] = argv
+        _COMMAND.update(argv=argv, debug=debug)  # for the parser's error path
         build_cli(None if args is None else argv)
         close_process_group()
     except Exception as error:
@@ -360,6 +368,8 @@ def main(args: list[str] | None = None) -> None:
         command = " ".join(["confspec", *[a for a in argv[:1] if not a.startswith("-")]])
         sys.stderr.write(f"{command}: error: {_named_in_full(root)}  [--debug: the traceback]\n")
         sys.exit(errors.USAGE_EXIT)
+    finally:
+        _COMMAND.update(argv=[], debug=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -122,6 +122,37 @@ def summarize_parse_error(message: str, top_level_keys: list[str] = ()) -> str:
     return f"{where}: {reason}" if where else reason
 
 
+def config_file_problem(argv: list[str]) -> str | None:
+    """The first ``--config`` file of ``argv`` that is not valid YAML: its path, the YAML library's reason and where.
+
+    jsonargparse reports a YAML error without the file it came from (``in "<unicode string>", line 2``);
+    this reads each file given with ``--config``/``-c`` again and names the first one that fails. None if all
+    parse (or none is a file).
+    """
+    import yaml
+
+    values = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            values.append(arg.split("=", 1)[1])
+    for value in values:
+        path = Path(value)
+        if not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+            context = getattr(error, "context", None)
+            hint = " (YAML indents with spaces, never tabs)" if "\t" in path.read_text() else ""
+            return f"{path}{where}: {(context + ': ') if context else ''}{reason}{hint}"
+    return None
+
+
 def _raised_in_package(error: BaseException) -> bool:
     frames = traceback.extract_tb(error.__traceback__)
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)

@@ -298,12 +298,14 @@ def top_singular_subspace(
     m = matrix.detach().to(torch.float64)
     scale = None if column_scale is None else column_scale.detach().to(m)[:, None]
     k = m.shape[0]
+    # products as (2 x K) @ (K x K) on row-major matrices: BLAS runs a (K x K) @ (K x 2) product 2-3x slower
+    m_t = m.t().contiguous()
 
-    def times_m(v: Tensor) -> Tensor:  # M V
-        return m @ (v if scale is None else v * scale)
+    def times_m(v: Tensor) -> Tensor:  # M V = (V^T M^T)^T
+        return ((v if scale is None else v * scale).t() @ m_t).t()
 
-    def times_mt(x: Tensor) -> Tensor:  # M^T X
-        w = m.t() @ x
+    def times_mt(x: Tensor) -> Tensor:  # M^T X = (X^T M)^T
+        w = (x.t() @ m).t()
         return w if scale is None else w * scale
 
     v = basis.detach().to(m).clone()

@@ -118,10 +118,10 @@ def resolve_checkpoint(ckpt_path: str, which_for_directory: Which, runs: LoggerR
         )
     if runs.version is not None:
         run = runs.version_dir(runs.version)
-        if not (run / "checkpoints" / "last.ckpt").is_file():
+        if not (run / "checkpoints").is_dir():
             raise FileNotFoundError(
-                f"--ckpt_path {ckpt_path}: the run {run} (logger version {runs.version!r}) has no "
-                "checkpoints/last.ckpt; run `confspec fit` with this config and version first."
+                f"--ckpt_path {ckpt_path}: the run {run} (logger version {runs.version!r}) has no checkpoints/ "
+                "folder; run `confspec fit` with this config and version first."
             )
         return _checkpoint_of(run, ckpt_path), run  # type: ignore[arg-type]
     candidates = runs.runs_with_checkpoints()
@@ -143,10 +143,22 @@ def resolve_checkpoint(ckpt_path: str, which_for_directory: Which, runs: LoggerR
 
 def _checkpoint_of(run: Path, which: Which) -> str:
     last = run / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise FileNotFoundError(f"the run {run} has no checkpoints/last.ckpt.")
     if which == "last":
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"the run {run} has no checkpoints/last.ckpt (written after every training epoch): it never finished "
+                "an epoch; pass a .ckpt file as --ckpt_path."
+            )
         return str(last)
+    if not last.is_file():  # the best checkpoint is recorded in last.ckpt; without it, a single best-*.ckpt will do
+        bests = sorted((run / "checkpoints").glob("best-*.ckpt"))
+        if len(bests) == 1:
+            return str(bests[0])
+        found = ", ".join(p.name for p in bests) or "no best-*.ckpt"
+        raise FileNotFoundError(
+            f"the run {run} has no best checkpoint to take: checkpoints/ holds {found}, and checkpoints/last.ckpt, "
+            "which records the best one, is missing; pass the .ckpt file to evaluate as --ckpt_path."
+        )
     best = best_checkpoint(run)
     if best is None:
         raise FileNotFoundError(

@@ -120,8 +120,8 @@ class _TorchvisionCIFAR(ClassificationDataModule):
         if missing:
             raise FileNotFoundError(
                 f"{self.dataset_name} not found: expected torchvision's layout {self.torchvision_dir}/ with files "
-                f"{', '.join(files)} (missing: {', '.join(missing)}). Pass `data.download: true` where the network "
-                f"allows{alternative}."
+                f"{', '.join(files)} (missing: {', '.join(missing)}). Pass `--data.init_args.download true` (in "
+                f"YAML: data: init_args: download: true) where the network allows{alternative}."
             )
 
     def prepare_data(self) -> None:
