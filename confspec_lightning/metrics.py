@@ -86,7 +86,7 @@ class RobustConfusionMatrix(_StatisticsMetric):
             CF.accumulate_confusion_(self.errors, self.class_counts, pred, target)
             return
         contributions = CF.surrogate_contributions(logits.detach(), target, self.surrogate, self.gamma, self.margin)
-        self.errors.index_add_(1, target, contributions.t().to(self.errors.dtype))
+        CF.add_contributions_(self.errors, contributions, target, one_cell=self.surrogate == "kl")
         self.class_counts.scatter_add_(0, target, torch.ones_like(target))
 
     def compute(self) -> Tensor:

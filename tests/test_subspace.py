@@ -132,3 +132,26 @@ def test_factored_penalty_and_weights_equal_the_materialised_ones(rescale):
     torch.testing.assert_close(g_factored, g_matrix, rtol=1e-5, atol=1e-7)
     w_factored = CF.csr_weights(factored, logits.detach(), target, include_diagonal=True)
     assert torch.equal(w_factored, CF.csr_weights(matrix, logits.detach(), target, include_diagonal=True))
+
+
+@pytest.mark.parametrize("surrogate", ["kl", "counts", "soft"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_batch_operator_has_the_products_of_the_formed_matrix(surrogate, normalize):
+    """The batch source never forms L: its products from the samples' contributions equal L's, and the top pair
+    found through them is the formed matrix's."""
+    torch.manual_seed(7)
+    k, b = 12, 64
+    logits, target = torch.randn(b, k), torch.randint(0, k, (b,))
+    contributions = CF.surrogate_contributions(logits, target, surrogate).double()
+    counts = CF.counts_per_class(target, k)
+    formed = CF.surrogate_confusion(contributions, target, counts if normalize else None)
+    operator = CF.BatchSurrogateOperator(
+        contributions, target, counts if normalize else None, one_cell=surrogate != "soft"
+    )
+    block = torch.rand(k, 2, dtype=torch.float64)
+    torch.testing.assert_close(operator.times(block), formed @ block)
+    torch.testing.assert_close(operator.times_transposed(block), formed.t() @ block)
+    from_operator = CF.top_singular_subspace(operator, CF.initial_subspace(k), iterations=30)
+    from_matrix = CF.top_singular_subspace(formed, CF.initial_subspace(k), iterations=30)
+    for a, c in zip(from_operator[:3], from_matrix[:3], strict=True):
+        torch.testing.assert_close(a, c)

@@ -53,6 +53,8 @@ ConfusionSource = Literal["epoch_pass", "streaming", "batch", "ema"]
 DirectionSolver = Literal["power", "svd"]
 #: Sources whose matrix is built anew every step from the (global) batch.
 PER_STEP_SOURCES: tuple[str, ...] = ("batch", "ema")
+#: Subspace iterations per step of the per-step sources when ``power_iterations`` is None.
+DEFAULT_POWER_ITERATIONS = {"batch": 8, "ema": 2}
 
 #: What ``form`` sets for every option left unset (None).
 FORM_DEFAULTS: dict[str, dict[str, object]] = {
@@ -97,8 +99,9 @@ class CSR(FairnessMethod):
             iteration warm-started from the previous step, on the device, no host sync, O(K^2)) or ``"svd"``
             (a float64 SVD with a check of the matrix's entries: O(K^3) and one host sync per step; the
             reference). The epoch-level sources always take the SVD, once per epoch.
-        power_iterations: iterations of the ``power`` solver per step (8; the error shrinks like
-            (sigma_3 / sigma_1)^(2n) from the previous step's vectors).
+        power_iterations: iterations n of the ``power`` solver per step; None (default): 8 for ``batch`` (each step's
+            matrix is new) and 2 for ``ema`` (the average moves little per step, so the previous step's vectors are
+            nearly converged). The error shrinks like (sigma_3 / sigma_1)^(2n) from the previous step's vectors.
         include_diagonal: code form: correctly classified samples get G[y, y] (default) or 0. The paper form
             charges only errors (must stay unset or false).
         rescale: rescale G to [0.01, 2.01] (code default) or use u1 v1^T as it is (paper default).
@@ -126,7 +129,7 @@ class CSR(FairnessMethod):
         rescale: bool | None = None,
         normalize: bool | None = None,
         direction_solver: DirectionSolver = "power",
-        power_iterations: int = 8,
+        power_iterations: int | None = None,
     ) -> None:
         super().__init__()
         check_real("csr.alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (code default 0.3)")
@@ -134,7 +137,8 @@ class CSR(FairnessMethod):
         check_real("csr.ema_decay", ema_decay, lambda v: 0.0 <= v < 1.0, "in [0, 1) (default 0.9)")
         check_choice("csr.form", form, Form)
         check_choice("csr.direction_solver", direction_solver, DirectionSolver)
-        check_int("csr.power_iterations", power_iterations, 1)
+        if power_iterations is not None:
+            check_int("csr.power_iterations", power_iterations, 1)
         given = {
             "surrogate": surrogate,
             "margin": margin,
@@ -258,37 +262,62 @@ class CSR(FairnessMethod):
         with torch.no_grad(), eval_mode(context.model):
             return context.model(x_adv)
 
-    def _batch_matrix(self, contributions: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """The global batch's direction matrix (batch: its own; ema: the average), column scale, class counts.
+    def _batch_matrix(self, contributions: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The global batch's dense direction matrix (batch: its own; ema: the updated average) and class counts.
 
-        ``matrix diag(scale)`` is the direction matrix: the ``batch`` source of the ``power`` solver leaves the
-        per-class 1/m_j as a scale (no K x K division); otherwise the scale is None.
+        One all-reduce of K (K + 1) values under DDP. The ``ema`` update with one process is M <- d M, then the
+        batch's scaled contributions are added where they fall (O(K^2 + B K), no K x K temporary).
         """
         k = self.num_classes
-        local = contributions.new_zeros(k * k + k, dtype=torch.float64)
-        local[: k * k].view(k, k).index_add_(1, target, contributions.detach().double().t())
+        s = contributions.detach().double()
+        if self.confusion_source == "ema" and world_size() == 1:
+            counts = CF.counts_per_class(target, k).double()
+            first = ~self.ema_initialised
+            share = torch.where(first, 1.0, 1.0 - self.ema_decay).to(s)  # the first step takes the batch's matrix
+            scale = share / counts.clamp_min(1.0)[target] if self.normalize else share.expand(target.shape)
+            self.ema_matrix.mul_(torch.where(first, 0.0, self.ema_decay).to(s))
+            CF.add_contributions_(self.ema_matrix, s * scale[:, None], target, one_cell=self.surrogate != "soft")
+            self.ema_initialised.fill_(True)
+            return self.ema_matrix, counts
+        local = s.new_zeros(k * k + k)
+        CF.add_contributions_(local[: k * k].view(k, k), s, target, one_cell=self.surrogate != "soft")
         local[k * k :].index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
-        total = sum_across_ranks(local)  # one all-reduce of K (K + 1) values per step under DDP
+        total = sum_across_ranks(local)
         sums, counts = total[: k * k].view(k, k), total[k * k :]
-        if self.confusion_source == "batch" and self.iterates and self.normalize:
-            return sums, 1.0 / counts.clamp_min(1.0), counts
         matrix = sums / counts.clamp_min(1.0) if self.normalize else sums
         if self.confusion_source == "batch":
-            return matrix, None, counts
+            return matrix, counts
         weight = torch.where(self.ema_initialised, 1.0 - self.ema_decay, 1.0)  # the first step takes the matrix
         self.ema_matrix.lerp_(matrix, weight.to(matrix))
         self.ema_initialised.fill_(True)
-        return self.ema_matrix, None, counts
+        return self.ema_matrix, counts
 
     def _step_direction(self, contributions: Tensor, target: Tensor) -> tuple[Tensor | CF.SpectralDirection, Tensor]:
-        """The direction of this step's matrix (per-step sources), and the global batch's class counts."""
-        matrix, scale, counts = self._batch_matrix(contributions, target)
-        if not self.iterates:  # the reference: a float64 SVD (and the entry check: one host sync)
-            direction, singular = self.direction_of(matrix)
-            self.direction.copy_(direction)
-            self._record_source(singular)
-            return direction, counts
-        u, v, singular, basis = CF.top_singular_subspace(matrix, self.subspace, self.power_iterations, scale)
+        """The direction of this step's matrix (per-step sources), and the global batch's class counts.
+
+        ``batch`` with the power solver never forms the K x K matrix: its products come from the samples'
+        contributions (:class:`~confspec_lightning.functional.BatchSurrogateOperator`, each partial product summed
+        over DDP ranks); ``ema`` keeps its dense average.
+        """
+        if self.iterates and self.confusion_source == "batch":
+            counts = sum_across_ranks(CF.counts_per_class(target, self.num_classes).double())
+            operator = CF.BatchSurrogateOperator(
+                contributions,
+                target,
+                counts if self.normalize else None,
+                one_cell=self.surrogate != "soft",
+                reduce=sum_across_ranks,
+            )
+        else:
+            matrix, counts = self._batch_matrix(contributions, target)
+            if not self.iterates:  # the reference: a float64 SVD (and the entry check: one host sync)
+                direction, singular = self.direction_of(matrix)
+                self.direction.copy_(direction)
+                self._record_source(singular)
+                return direction, counts
+            operator = CF.DenseOperator(matrix)
+        iterations = self.power_iterations or DEFAULT_POWER_ITERATIONS[self.confusion_source]
+        u, v, singular, basis = CF.top_singular_subspace(operator, self.subspace, iterations)
         self.subspace.copy_(basis)
         self.top_pair.copy_(torch.stack([u, v], dim=1))
         self._record_source(singular)
