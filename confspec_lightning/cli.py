@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
 import sys
 import warnings
@@ -34,7 +35,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from confspec_lightning import __version__, errors, runs
+from confspec_lightning import __version__, environment, errors, runs
 from confspec_lightning.checkpointing import PreemptionCheckpoint, with_atomic_checkpoint_io
 from confspec_lightning.module import RobustFairLitModule
 
@@ -77,7 +78,18 @@ class ConfspecCLI(LightningCLI):
 
     def __init__(self, *args: Any, only_subcommand: str | None = None, **kwargs: Any) -> None:
         self.only_subcommand = only_subcommand
+        #: where an evaluation of a run's checkpoint writes (None: the logger's directory)
+        self.report_dir: Path | None = None
+        self.prediction_file: Path | None = None
+        #: folders this command created, removed again when it fails before writing a result
+        self._created_dirs: list[Path] = _COMMAND.setdefault("created", [])
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser; the saved ``config.yaml`` starts with the versions, commit and device of the run."""
+        parser = super().init_parser(**kwargs)
+        parser.dump_header = [*(parser.dump_header or []), *environment.header_lines()]
+        return parser
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
         """Lightning's subcommands, or the requested one alone (see the class docstring)."""
@@ -139,10 +151,36 @@ class ConfspecCLI(LightningCLI):
                     print(f"resuming the run {run} (logger version {version!r})", flush=True)
             if subcommand == "fit" and run is not None:  # its checkpoints are there on purpose
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            if subcommand in ("validate", "test", "predict") and run is not None:
+                self._report_into_run(subcommand, config, Path(path), run)
         # Lightning's own _parse_ckpt_path would re-parse the checkpoint's saved hyperparameters over the config, so
         # the checkpoint's test attacks, eval batch or eval_attack would win over the command line and --config
         # files; here the config as given is what runs, and what the checkpoint fixes is checked once the model
         # is built (check_checkpoint_fixes, in before_<subcommand>)
+
+    def _report_into_run(self, subcommand: str, config: Any, checkpoint: Path, run: Path) -> None:
+        """Point an evaluation of a run's checkpoint at that run: its reports go into the run's folder.
+
+        ``validate``/``test``: ``<run>/evaluation/<checkpoint name>/`` (its per-class reports and the command's
+        ``config.yaml``), ``predict``: ``<run>/predictions/<checkpoint name>.csv``; the TensorBoard scalars join the
+        run's. An earlier report is never overwritten: the next free name gets ``-2``, ``-3``, ...
+        """
+        logger = config.get("trainer", {}).get("logger")
+        init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
+        if init is None or getattr(init, "save_dir", None) is None:
+            return  # no logger run layout: the reports go where the logger (or the working directory) says
+        init["save_dir"], init["name"], init["version"] = str(run.parent.parent), run.parent.name, run.name
+        stem = checkpoint.stem
+        if subcommand == "predict":
+            self.prediction_file = runs.free_path(run / "predictions", stem, ".csv")
+            target = self.prediction_file.parent
+        else:
+            self.report_dir = runs.free_path(run / "evaluation", stem, "", taken=runs.report_taken(subcommand))
+            target = self.report_dir
+        name = f"{self.prediction_file.stem}.config.yaml" if self.prediction_file is not None else "config.yaml"
+        config_file = target / name
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": str(config_file.relative_to(run))}
+        self._created_dirs.append(target)
 
     #: The module arguments a checkpoint fixes: its weights only fit a model built with these.
     CHECKPOINT_FIXES = ("backbone", "num_classes", "input_mean", "input_std", "fairness")
@@ -183,6 +221,19 @@ class ConfspecCLI(LightningCLI):
         if config.get("weights_only") is None:
             config["weights_only"] = True
         self.check_checkpoint_fixes()
+        self.model.evaluator.output_dir = self.report_dir
+        self.model.prediction_file = self.prediction_file
+        for folder in [self.report_dir, self.prediction_file and self.prediction_file.parent]:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)  # the command's config.yaml is saved there at setup
+
+    def after_instantiate_classes(self) -> None:
+        """Note the run folder the logger will create: removed again if the command fails before any result."""
+        super().after_instantiate_classes()
+        logger = getattr(self.trainer, "logger", None)
+        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+        if log_dir is not None and not Path(log_dir).exists() and _is_global_zero():
+            self._created_dirs.append(Path(log_dir))
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
@@ -215,7 +266,7 @@ def _short(value: Any, limit: int = 160) -> str:
 
 #: The command ``main`` runs (its arguments after recipe names are resolved, and ``--debug``), for the parser's
 #: error path, which Lightning calls with no access to them.
-_COMMAND: dict[str, Any] = {"argv": [], "debug": False}
+_COMMAND: dict[str, Any] = {"argv": [], "debug": False, "created": []}
 
 #: Top-level config keys of every subcommand (for "did you mean" on a typo'd one).
 TOP_LEVEL_KEYS = ["trainer", "model", "data", "checkpoint", "last_checkpoint", "preemption", "seed_everything"]
@@ -332,6 +383,24 @@ def _named_in_full(error: BaseException) -> str:
     return message
 
 
+def _is_global_zero() -> bool:
+    """Rank 0 of a job (the launching process), from the environment launchers set; True without one."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+#: Files that make a folder a result: a failed command never removes a folder holding one.
+RESULT_PATTERNS = ("*.ckpt", "evaluation.json", "classwise_*.json", "*.csv")
+
+
+def remove_empty_run_folders(folders: list[Path]) -> None:
+    """Remove the folders a failed command created if they hold no result (config and empty logs only)."""
+    import shutil
+
+    for folder in reversed(folders):
+        if folder.is_dir() and not any(any(folder.rglob(pattern)) for pattern in RESULT_PATTERNS):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def close_process_group() -> None:
     """Destroy the ``torch.distributed`` process group a finished DDP run leaves open.
 
@@ -358,10 +427,12 @@ def main(args: list[str] | None = None) -> None:
         argv = resolve_recipes(argv)
         if args is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
             sys.argv[1:] = argv
-        _COMMAND.update(argv=argv, debug=debug)  # for the parser's error path
+        _COMMAND.update(argv=argv, debug=debug, created=[])  # for the parser's error path and clean-up
         build_cli(None if args is None else argv)
         close_process_group()
     except Exception as error:
+        if _is_global_zero():
+            remove_empty_run_folders(_COMMAND.get("created", []))
         root = None if debug else errors.user_error(error)
         if root is None:
             raise
@@ -369,7 +440,7 @@ def main(args: list[str] | None = None) -> None:
         sys.stderr.write(f"{command}: error: {_named_in_full(root)}  [--debug: the traceback]\n")
         sys.exit(errors.USAGE_EXIT)
     finally:
-        _COMMAND.update(argv=[], debug=False)
+        _COMMAND.update(argv=[], debug=False, created=[])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -185,6 +185,8 @@ class RobustFairLitModule(pl.LightningModule):
         self.epoch_means = EpochMeans()
         self.nonfinite = NonFiniteGuard()
         self.checkpoint_epoch: int | None = None  # the epoch of a loaded checkpoint (validate/test report it)
+        #: where ``predict`` writes its CSV (set by ``confspec`` for a run's checkpoint); None: the run's folder
+        self.prediction_file: Path | None = None
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

@@ -190,3 +190,35 @@ def check_checkpoint_file(path: str) -> None:
             torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
     except Exception as error:
         raise load_error("--ckpt_path", path, error) from error
+
+
+def report_taken(subcommand: str) -> tuple[str, ...]:
+    """The files whose presence makes a report folder taken for ``subcommand`` (its own reports)."""
+    return ("classwise_val.json",) if subcommand == "validate" else ("evaluation.json",)
+
+
+def free_path(folder: Path, stem: str, suffix: str, taken: tuple[str, ...] = ()) -> Path:
+    """``folder/<stem><suffix>``, or with ``-2``, ``-3``, ... the first that is free: never an earlier result.
+
+    A file path is free when it does not exist; a folder (``suffix`` ""), when it holds none of ``taken``.
+    """
+    for n in range(1, 10_000):
+        candidate = folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}"
+        if suffix and not candidate.exists():
+            return candidate
+        if not suffix and not any((candidate / name).exists() for name in taken):
+            return candidate
+    raise FileExistsError(f"{folder}: 10000 reports named {stem}* already; clean it up.")
+
+
+def latest_report(run: Path, checkpoint: str | None = None, name: str = "evaluation.json") -> Path:
+    """The newest ``evaluation/<checkpoint name>[-n]/<name>`` of a run (``checkpoint``: a checkpoint's file stem).
+
+    Raises:
+        FileNotFoundError: the run has no such report.
+    """
+    pattern = f"{checkpoint}*/{name}" if checkpoint else f"*/{name}"
+    found = sorted((run / "evaluation").glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{run}/evaluation/{pattern}: no report (run `confspec test` on the run first).")
+    return found[-1]

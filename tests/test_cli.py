@@ -130,13 +130,17 @@ def test_fit_then_test_with_ckpt_path_best(chdir_tmp, capsys):
     assert "-> " in out and "best-epoch" in out
     best_epoch = int(re.search(r"best-epoch(\d+)\.ckpt", out).group(1))
     assert f"Per-class accuracy (test split, epoch {best_epoch};" in out  # the evaluated checkpoint's epoch
-    test_dir = chdir_tmp / "runs/digits_trades_csr/version_1"
-    evaluation = json.loads((test_dir / "evaluation/evaluation.json").read_text())
+    # the report goes into the run of the checkpoint: <run>/evaluation/<checkpoint name>/, with the command's config
+    assert not (chdir_tmp / "runs/digits_trades_csr/version_1").exists()
+    test_dir = run_dir / "evaluation" / f"best-epoch{best_epoch:03d}"
+    assert f"evaluation report written to {test_dir.relative_to(chdir_tmp)}/evaluation.md" in out
+    evaluation = json.loads((test_dir / "evaluation.json").read_text())
     assert list(evaluation["attacks"]) == ["clean", "pgd2", "cw2", "autoattack"]
     assert sum(evaluation["class_counts"]) == 360
-    for name in ("evaluation.md", "classwise_accuracy.png", "robust_confusion.png"):
-        assert (test_dir / "evaluation" / name).stat().st_size > 0
-    assert not (test_dir / "classwise_test.json").exists()  # one report: evaluation/
+    for name in ("evaluation.md", "classwise_accuracy.png", "robust_confusion.png", "config.yaml"):
+        assert (test_dir / name).stat().st_size > 0
+    assert not (test_dir / "classwise_test.json").exists()  # one report: evaluation.json
+    assert evaluation["environment"]["torch"] == torch.__version__
     assert len(evaluation["attacks"]["pgd2"]["classwise_acc"]) == 10 and evaluation["stage"] == "test"
     assert set(evaluation["summary"]) >= {"robust_acc_worst", "clean_acc", "confusion_spectral_norm", "cw2_acc"}
     # the best checkpoint loads safely (no pickled code) and carries G and the confusion state

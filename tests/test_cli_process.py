@@ -30,7 +30,7 @@ def test_predict_writes_a_csv_in_the_run_directory(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = (tmp_path / "runs/digits_trades").glob("*/predictions.csv")
+    (path,) = (tmp_path / "runs/digits_trades").glob("version_0/predictions/last.csv")  # in the checkpoint's run
     assert f"written to {path.relative_to(tmp_path)}" in proc.stdout
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == ["index", "label", "clean", "adversarial"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,8 @@ def test_ddp_validation_and_test_equal_one_process_exactly(tmp_path):
     and one identical predictions.csv."""
     fit = tmp_path / "fit"
     run(1, "fit", *eval_args(fit, 1), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", cwd=fit)
-    checkpoint = next(fit.glob("*/version_0/checkpoints/last.ckpt"))
+    checkpoint = tmp_path / "model.ckpt"  # a file outside any run: each evaluation opens a run of its own under out/
+    shutil.copy(next(fit.glob("*/version_0/checkpoints/last.ckpt")), checkpoint)
     reports = {}
     for processes in (1, 2, 3):
         out = tmp_path / f"eval{processes}"

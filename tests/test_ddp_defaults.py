@@ -80,7 +80,7 @@ def test_every_digits_recipe_fits_validates_and_tests_with_default_settings(tmp_
         assert other == results[0]  # every rank holds the same global report
     for name, report in results[0].items():
         assert sum(report["val_counts"]) == 270 and sum(report["test_counts"]) == 360, name  # each image once
-        assert (tmp_path / "runs" / name / "version_0" / "evaluation" / "evaluation.json").is_file()
+        assert list((tmp_path / "runs" / name / "version_0" / "evaluation").glob("*/evaluation.json"))
 
 
 def test_readme_ddp_command_finishes_with_lightnings_own_launcher(tmp_path):
@@ -95,7 +95,7 @@ def test_readme_ddp_command_finishes_with_lightnings_own_launcher(tmp_path):
     version = "--trainer.logger.init_args.version=0"
     test = run_confspec("test", *common, version, "--ckpt_path=best", PGD_ONLY, cwd=tmp_path, timeout=400)
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-6000:]
-    report = json.loads(next((tmp_path / "runs").glob("*/version_0/evaluation/evaluation.json")).read_text())
+    report = json.loads(next((tmp_path / "runs").glob("*/version_0/evaluation/best-*/evaluation.json")).read_text())
     assert sum(report["class_counts"]) == 360
 
 

@@ -84,11 +84,12 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
     log = out / name / "log.txt"
     fit_seconds = confspec(["fit", *common], log)
     result = {"method": method, "seed": seed, "fit_seconds": fit_seconds}
+    from confspec_lightning.runs import latest_report
+
     for which in ("last", "best"):
-        before = set((out / name).glob("version_*"))
         confspec(["test", *common, f"--ckpt_path={which}"], log)
-        (run_dir,) = set((out / name).glob("version_*")) - before
-        result[which] = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
+        (run_dir,) = (out / name).glob("version_*")  # the report goes into the run: evaluation/<checkpoint>/
+        result[which] = json.loads(latest_report(run_dir, "last" if which == "last" else "best").read_text())
     result_file.write_text(json.dumps(result, indent=2))
     return result
 

@@ -416,7 +416,9 @@ def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, ex
     test_seconds = confspec(
         ["test", *args, "--trainer.logger.init_args.version=test", f"--ckpt_path={last}"], log, budget
     )
-    evaluation = json.loads((run_dir / "test" / "evaluation" / "evaluation.json").read_text())
+    from confspec_lightning.runs import latest_report
+
+    evaluation = json.loads(latest_report(run_dir / "fit", "last").read_text())  # <run>/evaluation/last[-n]/
     epochs = json.loads((run_dir / "fit" / "classwise_val.json").read_text()).get("epoch", 0) + 1
     result = {
         "protocol": protocol,

@@ -145,9 +145,9 @@ def finetune_commands(args: argparse.Namespace, out: Path) -> list[tuple[str, li
 def collect_finetune(out: Path) -> dict:
     """Clean / PGD-20 / AutoAttack avg and worst class of every tested run."""
     results = {}
-    for evaluation in sorted((out / "runs").glob("*/version_0/evaluation/evaluation.json")):
+    for evaluation in sorted((out / "runs").glob("*/version_0/evaluation/*/evaluation.json")):
         data = json.loads(evaluation.read_text())
-        results[evaluation.parents[2].name] = {
+        results[evaluation.parents[3].name] = {
             attack: {"avg": values["avg"], "worst": values["worst"]} for attack, values in data["attacks"].items()
         }
     return results

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from confspec_lightning.attacks.noise import SampleNoise
 from confspec_lightning.data.base import EvaluationSampler
+from confspec_lightning.environment import environment
 from confspec_lightning.evaluation.classwise import ClasswiseResult
 from confspec_lightning.evaluation.report import CLEAN, Divergence, EvaluationReport
 from confspec_lightning.metrics import RobustConfusionMatrix
@@ -63,6 +64,8 @@ class Evaluator(pl.Callback):
         self.reports: dict[str, EvaluationReport] = {}
         #: per validation epoch of a fit: the diagnostics of the validation and the training robust confusion
         self.history: list[dict[str, Any]] = []
+        #: where validate/test reports go (set by ``confspec`` for a run's checkpoint); None: the logger's directory
+        self.output_dir: Path | None = None
         self._predictions: dict[str, dict[str, list[Tensor]]] = {}
         #: samples seen so far per (stage, loader), for loaders whose batches have no known indices
         self._positions: dict[tuple[str, int], int] = {}
@@ -396,14 +399,17 @@ class Evaluator(pl.Callback):
         report = self.reports.get(stage)
         if report is None or not trainer.is_global_zero:
             return
+        report.environment = environment(trainer.strategy.root_device)
         print("\n" + report.format_table(), flush=True)
-        if log_dir is None:
+        if log_dir is None and self.output_dir is None:
             return
+        fitting = trainer.state.fn == "fit"
         if stage == "test":
-            written = report.write(Path(log_dir) / "evaluation")
+            written = report.write(self.output_dir or Path(log_dir) / "evaluation")
             print(f"evaluation report written to {written['markdown']}", flush=True)
         else:
-            path = Path(log_dir) / f"classwise_{stage}.json"
+            folder = Path(log_dir) if fitting or self.output_dir is None else self.output_dir
+            path = folder / f"classwise_{stage}.json"
             report.write_json(path)
             print(f"per-class results written to {path}", flush=True)
 

@@ -60,6 +60,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = Path(self.directory or trainer.log_dir or ".")  # log_dir: a collective under DDP
+        target = getattr(pl_module, "prediction_file", None)  # confspec's choice for a run's checkpoint
         rows = self._rows
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
@@ -68,7 +69,8 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         unique = {row[0]: row for row in rows}  # a repeated (padded) sample keeps one row
-        self.path = directory / "predictions.csv"
+        self.path = Path(target) if target is not None and self.directory is None else directory / "predictions.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(COLUMNS)

@@ -199,6 +199,8 @@ class EvaluationReport:
     robust_attack: str | None = None
     description: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: what the run ran with (package versions, commit, device: ``confspec_lightning.environment``)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_predictions(
@@ -373,6 +375,7 @@ class EvaluationReport:
                 "divergence": None if self.divergence is None else asdict(self.divergence),
                 "settings": self.settings,
                 "history": self.history,
+                "environment": self.environment,
             }
         )
 
@@ -394,6 +397,7 @@ class EvaluationReport:
             robust_attack=data.get("robust_attack"),
             description=data.get("description", ""),
             history=list(data.get("history") or []),
+            environment=dict(data.get("environment") or {}),
         )
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
@@ -462,6 +466,9 @@ class EvaluationReport:
             for key, value in self.settings.items():
                 text = value if isinstance(value, str) else json.dumps(_json_safe(value))
                 lines.append(f"- `{key}`: {text}")
+        if self.environment:
+            lines += ["", "## Environment", "", "Results repeat exactly with the same code, versions and device.", ""]
+            lines += [f"- `{key}`: {value}" for key, value in self.environment.items()]
         return "\n".join(lines) + "\n"
 
     # ---------------------------------------------------------------- files
