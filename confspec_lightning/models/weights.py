@@ -99,17 +99,24 @@ def read_state_dict(path: str | Path, what: str = "init_weights") -> dict[str, T
 def strip_prefixes(state: dict[str, Tensor], recognised: Callable[[str], bool]) -> tuple[dict[str, Tensor], list[str]]:
     """Strip known wrapper prefixes as long as that makes more keys ``recognised``.
 
+    A prefix every key has (a wrapper around the whole network, e.g. ``module.`` of ``DataParallel(Sequential(net))``)
+    is stripped as long as it recognises no fewer keys.
+
     Returns:
         The stripped state and the keys left behind (those without the stripped prefix).
     """
     outside: list[str] = []
     while True:
-        best, best_matches = None, sum(recognised(k) for k in state)
+        current = sum(recognised(k) for k in state)
+        best, best_matches, common = None, current, None
         for prefix in KNOWN_PREFIXES:
             stripped = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
             count = sum(recognised(k) for k in stripped)
             if count > best_matches:
                 best, best_matches = prefix, count
+            elif common is None and state and len(stripped) == len(state) and count >= current:
+                common = prefix
+        best = best or common
         if best is None:
             return state, outside
         outside += [k for k in state if not k.startswith(best)]
