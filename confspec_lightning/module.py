@@ -100,9 +100,9 @@ class RobustFairLitModule(pl.LightningModule):
             nothing is in doubt (no start file, this library's own layout, a file that records the data's); a
             public file that records nothing needs the choice, and a choice that contradicts the file is refused
             (:func:`~confspec_lightning.models.normalize.resolve_input_normalization`).
-        start_model_check_batches: before a fit from ``init_weights`` trains, the start model's clean and
-            ``eval_attack`` accuracy on this many validation batches per process is printed and logged
-            (``start/clean_acc``, ``start/robust_acc``); 0 turns it off.
+        start_model_check_batches: before a fit from a file (``init_weights``, a RobustBench backbone) trains, the
+            start model's clean and ``eval_attack`` accuracy on this many validation batches per process is printed
+            and logged (``start/clean_acc``, ``start/robust_acc``); 0 turns it off.
         test_attacks: the attacks ``test`` runs on every test batch, in order, each an
             :class:`~confspec_lightning.attacks.Attack` chosen by ``class_path`` (``PGD``, ``CW``,
             ``AutoAttack``, or your own); default ``[PGD()]``. ``test`` writes ``evaluation/`` (JSON, Markdown, PNG).
@@ -196,6 +196,8 @@ class RobustFairLitModule(pl.LightningModule):
             rank_zero_print(
                 f"{self.start_weights.summary()}; model input normalisation: {self.input_normalization_used}"
             )
+        #: the start model comes from a file (init_weights, or a backbone that loads one: a RobustBench model)
+        self.starts_from_file = init_weights is not None or getattr(backbone, "weights_file", None) is not None
         self.start_model_check_batches = start_model_check_batches
         self.net = nn.Sequential()
         self.net.add_module("normalize", nn.Identity() if mean is None else Normalize(mean, std))
@@ -443,8 +445,8 @@ class RobustFairLitModule(pl.LightningModule):
         )
 
     def on_fit_start(self) -> None:
-        """A fit from ``init_weights``: the start model's clean and PGD accuracy first (a collective under DDP)."""
-        if self.start_weights is not None and self.start_model_check_batches > 0 and self.trainer.ckpt_path is None:
+        """A fit from a file (not resumed): the start model's clean and PGD accuracy first (a collective under DDP)."""
+        if self.starts_from_file and self.start_model_check_batches > 0 and self.trainer.ckpt_path is None:
             from confspec_lightning.evaluation.start_model import report_start_model
 
             report_start_model(self, self.start_model_check_batches)

@@ -175,3 +175,34 @@ def require_robustbench():
     from confspec_lightning.models.robustbench import robustbench_utils
 
     return robustbench_utils()
+
+
+#: A RobustBench model zoo entry the tests add: RobustBench's own WideResNet, small (WRN-10-1, with sub_block1 as
+#: its TRADES entries), so that RobustBench's loading code runs end to end on a file in its cache layout.
+TINY_ROBUSTBENCH_NAME = "ConfspecTiny2024Test"
+
+
+def install_tiny_robustbench_entry(monkeypatch, model_dir, dataset: str = "cifar10", threat_model: str = "Linf"):
+    """Add the tiny entry to RobustBench's model zoo and save its random weights where RobustBench keeps them.
+
+    The file is ``<model_dir>/<dataset>/<threat_model>/<name>.pt`` as RobustBench saves its downloads:
+    ``{"state_dict": {"module." + key: tensor}}``. Returns the RobustBench network with those weights (eval mode).
+    """
+    import importlib
+    from pathlib import Path
+
+    require_robustbench()
+    from confspec_lightning.models.robustbench import model_zoo
+
+    wide_resnet = importlib.import_module("robustbench.model_zoo.architectures.wide_resnet")
+
+    def build():
+        return wide_resnet.WideResNet(depth=10, widen_factor=1, sub_block1=True, num_classes=10)
+
+    monkeypatch.setitem(model_zoo(dataset, threat_model), TINY_ROBUSTBENCH_NAME, {"model": build, "gdrive_id": "none"})
+    torch.manual_seed(0)
+    network = randomize(build(), seed=11)
+    path = Path(model_dir) / dataset / threat_model / f"{TINY_ROBUSTBENCH_NAME}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, path)
+    return network

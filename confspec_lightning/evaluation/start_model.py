@@ -1,7 +1,8 @@
 """The start model's accuracy before a fit from a file trains it: a wrong input convention shows at once.
 
-``RobustFairLitModule.on_fit_start`` calls :func:`report_start_model` when the fit starts from ``init_weights`` (not
-when it resumes a checkpoint): clean and evaluation-PGD accuracy on the first ``start_model_check_batches``
+``RobustFairLitModule.on_fit_start`` calls :func:`report_start_model` when the fit starts from a file
+(``init_weights``, or a backbone that loads one, such as :class:`~.models.robustbench.RobustBenchModel`;
+not when it resumes a checkpoint): clean and evaluation-PGD accuracy on the first ``start_model_check_batches``
 validation batches of every rank (summed over DDP ranks by
 :func:`~confspec_lightning.fairness.statistics.classwise_accuracy`: every rank runs the same collectives), printed
 as one line and logged as ``start/clean_acc``, ``start/robust_acc`` (and their worst class). A model fed inputs

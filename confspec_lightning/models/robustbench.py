@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -40,9 +41,19 @@ INSTALL_HINT = "pip install 'confspec-lightning[robustbench]' (PyPI robustbench)
 def robustbench_utils() -> ModuleType:
     """``robustbench.utils`` (``load_model``, the model zoo), imported as described in the module docstring.
 
+    The deprecation notices its dependencies (timm, torch.jit) print on import, which a user cannot act on, are
+    silenced.
+
     Raises:
         ValueError: ``robustbench`` is not installed (how to install it).
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return _import_robustbench_utils()
+
+
+def _import_robustbench_utils() -> ModuleType:
     try:
         return importlib.import_module("robustbench.utils")
     except ModuleNotFoundError as error:
@@ -142,6 +153,7 @@ class RobustBenchModel(nn.Module):
 
     #: The module leaves the normalisation to the model (see :func:`~.normalize.resolve_input_normalization`).
     normalizes_inputs = True
+    weights_file: str
 
     def __init__(
         self,
@@ -154,6 +166,8 @@ class RobustBenchModel(nn.Module):
         super().__init__()
         self.name = name
         self.model = load_robustbench_model(name, dataset, threat_model, model_dir, download)
+        #: the file the weights came from (the module evaluates a start model from a file before fine-tuning it)
+        self.weights_file = str(cache_paths(name, dataset, threat_model, model_dir)[0])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
