@@ -33,6 +33,12 @@ def test_configs_are_shipped():
     assert {
         f"cifar10/finetune_{m}.yaml" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
     } <= names
+    public = ["cifar10/finetune_trades_csr_from_trades_wrn.yaml", "cifar10/finetune_trades_csr_from_robustbench.yaml"]
+    assert {
+        *public,
+        "audit/robustbench_cifar10.yaml",
+        "audit/checkpoint_cifar10.yaml",
+    } <= names  # docs/public-models.md
 
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
