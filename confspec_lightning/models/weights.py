@@ -138,14 +138,27 @@ def _is_wrapper_path(prefix: str) -> bool:
     return True
 
 
+def _wrapped_forms(key: str) -> set[str]:
+    """``key`` and what it becomes with wrapper prefixes stripped (``module.model.mu`` -> ``model.mu``, ``mu``)."""
+    forms, frontier = {key}, [key]
+    while frontier:
+        current = frontier.pop()
+        for prefix in KNOWN_PREFIXES:
+            if current.startswith(prefix) and current.removeprefix(prefix) not in forms:
+                forms.add(current.removeprefix(prefix))
+                frontier.append(current.removeprefix(prefix))
+    return forms
+
+
 def split_normalization(
-    state: dict[str, Tensor], lightning_checkpoint: bool
+    state: dict[str, Tensor], lightning_checkpoint: bool, own: set[str] = frozenset()
 ) -> tuple[dict[str, Tensor], RecordedNormalization | None]:
     """The normalisation a file records, and its other tensors.
 
     A ``RobustFairLitModule`` checkpoint records ``net.normalize.{mean,std}`` (none: raw inputs); other files may
-    carry top-level ``mu`` / ``sigma`` (RobustBench's models that normalise inside) or ``mean`` / ``std`` buffers.
-    None: the file records nothing.
+    carry top-level ``mu`` / ``sigma`` (RobustBench's models that normalise inside) or ``mean`` / ``std`` buffers,
+    unless the backbone has them itself (``own``: its keys; e.g. a ``RobustBenchModel``'s ``model.mu``): then they
+    are its weights. None: the file records nothing.
     """
     if any(k.startswith("net.backbone.") for k in state):
         mean, std = state.get("net.normalize.mean"), state.get("net.normalize.std")
@@ -159,7 +172,11 @@ def split_normalization(
         found = {}
         for key in state:
             prefix, _, name = key.rpartition(".")
-            if name in (mean_name, std_name) and _is_wrapper_path(prefix + "." if prefix else ""):
+            if (
+                name in (mean_name, std_name)
+                and _is_wrapper_path(prefix + "." if prefix else "")
+                and not (_wrapped_forms(key) & own)
+            ):
                 found[name] = key
         if set(found) == {mean_name, std_name}:
             mean, std = state[found[mean_name]], state[found[std_name]]
@@ -236,7 +253,7 @@ def load_backbone_weights(
     lightning_checkpoint = isinstance(obj, Mapping) and "hyper_parameters" in obj
     raw = _state_of(obj, path, what)
     own = backbone.state_dict()
-    raw, recorded = split_normalization(raw, lightning_checkpoint)
+    raw, recorded = split_normalization(raw, lightning_checkpoint, set(own))
     module_checkpoint = any(k.startswith("net.backbone.") for k in raw)
     if module_checkpoint:  # the module's other state (fairness methods, metrics) is not the backbone's
         raw = {k.removeprefix("net.backbone."): v for k, v in raw.items() if k.startswith("net.backbone.")}

@@ -240,3 +240,26 @@ def test_robustbench_models_with_mu_sigma_load_with_their_normalisation(
         make_module(
             backbone=PreActResNet18(classes, shortcut=shortcut, final_bn=final_bn), input_normalization="none", **kwargs
         )
+
+
+class SelfNormalizing(nn.Module):
+    """A backbone with its own mu/sigma buffers (as RobustBench's Wong2020FastNet, or a RobustBenchModel of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.full((1, 3, 1, 1), 0.5))
+        self.register_buffer("sigma", torch.full((1, 3, 1, 1), 0.25))
+        self.conv = nn.Conv2d(3, 4, 3)
+
+
+@pytest.mark.parametrize("wrap", [lambda m: m, lambda m: nn.ModuleDict({"model": m})], ids=["plain", "model."])
+def test_a_backbones_own_mu_sigma_are_its_weights_not_a_recorded_normalisation(tmp_path, wrap):
+    source = wrap(SelfNormalizing())
+    with torch.no_grad():
+        for buffer in source.buffers():
+            buffer.add_(0.1)
+    target = wrap(SelfNormalizing())
+    loaded = load_backbone_weights(target, save(tmp_path, source.state_dict(), "dataparallel"))
+    assert loaded.layout == "native" and loaded.normalization is None
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value, msg=key)
