@@ -22,6 +22,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -32,7 +33,8 @@ from confspec_lightning.fairness import passes
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.stack import FairnessStack
 from confspec_lightning.metrics import EpochMeans, RobustConfusionMatrix, load_global_states, save_global_states
-from confspec_lightning.models.normalize import Normalize
+from confspec_lightning.models.layouts import LayoutName
+from confspec_lightning.models.normalize import InputNormalization, Normalize, resolve_input_normalization
 from confspec_lightning.models.weights import load_backbone_weights, load_error, raised_by_torch_load
 from confspec_lightning.numerics import NonFiniteGuard
 from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
@@ -55,6 +57,13 @@ _GLOBAL_NAMES: set[str] = set()
 
 #: Checkpoint key of the running epoch means (:class:`~.metrics.EpochMeans`).
 EPOCH_MEANS_KEY = "confspec_epoch_means"
+
+
+@rank_zero_only
+def rank_zero_print(message: str) -> None:
+    """Print on the global rank 0 only."""
+    print(message, flush=True)
+
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -79,7 +88,21 @@ class RobustFairLitModule(pl.LightningModule):
         eval_seed: seed of the evaluation attacks' random starts (the same noise every evaluation).
         init_weights: fine-tuning: a Lightning checkpoint or a plain state-dict file whose weights are
             loaded into the backbone (safely, ``weights_only=True``; wrapper prefixes such as
-            ``module.`` are stripped; a wrong architecture is a clear error).
+            ``module.`` are stripped; the public layouts (TRADES's WideResNet, kuangliu's ResNet-18, the
+            PreActResNet-18 variants) are converted; a wrong architecture is a clear error). One line says which
+            layout was read and what was dropped.
+        init_weights_layout: the layout of ``init_weights`` (:mod:`~confspec_lightning.models.layouts`); ``auto``
+            (default) detects it from the keys; PreActResNet-18 files need it named (their keys cannot tell the
+            shortcut variants apart).
+        input_normalization: the model's input normalisation: ``data`` (``input_mean``/``input_std``, the data
+            set's), ``none`` (raw [0, 1] pixels: TRADES, MART, AWP, DAFA, RobustBench models) or ``checkpoint``
+            (the ``mu``/``sigma`` or ``net.normalize`` the start file records). None (default) decides only where
+            nothing is in doubt (no start file, this library's own layout, a file that records the data's); a
+            public file that records nothing needs the choice, and a choice that contradicts the file is refused
+            (:func:`~confspec_lightning.models.normalize.resolve_input_normalization`).
+        start_model_check_batches: before a fit from a file (``init_weights``, a RobustBench backbone) trains, the
+            start model's clean and ``eval_attack`` accuracy on this many validation batches per process is printed
+            and logged (``start/clean_acc``, ``start/robust_acc``); 0 turns it off.
         test_attacks: the attacks ``test`` runs on every test batch, in order, each an
             :class:`~confspec_lightning.attacks.Attack` chosen by ``class_path`` (``PGD``, ``CW``,
             ``AutoAttack``, or your own); default ``[PGD()]``. ``test`` writes ``evaluation/`` (JSON, Markdown, PNG).
@@ -121,6 +144,9 @@ class RobustFairLitModule(pl.LightningModule):
         class_names: list[str] | None = None,
         eval_seed: int = 0,
         init_weights: str | None = None,
+        init_weights_layout: LayoutName = "auto",
+        input_normalization: InputNormalization | None = None,
+        start_model_check_batches: int = 4,
         test_attacks: list[Attack] | None = None,
         evaluator: Evaluator | None = None,
         channels_last: bool = False,
@@ -137,6 +163,7 @@ class RobustFairLitModule(pl.LightningModule):
         train_attack = TrainAttackConfig.coerce("train_attack", train_attack)
         eval_attack = EvalAttackConfig.coerce("eval_attack", eval_attack)
         check_int("eval_seed", eval_seed, 0)
+        check_int("start_model_check_batches", start_model_check_batches, 0)
         check_normalization(input_mean, input_std)
         via_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
         components = ["backbone", "fairness", "optimizer", "scheduler", "test_attacks", "evaluator"]
@@ -148,10 +175,32 @@ class RobustFairLitModule(pl.LightningModule):
 
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        #: what init_weights held (layout, dropped keys, recorded normalisation); None without a start file
+        self.start_weights = None
         if init_weights is not None:
-            load_backbone_weights(backbone, init_weights)
+            self.start_weights = load_backbone_weights(backbone, init_weights, layout=init_weights_layout)
+        mean, std, self.input_normalization_used = resolve_input_normalization(
+            input_normalization,
+            input_mean,
+            input_std,
+            weights_file=init_weights,
+            recorded=self.start_weights.normalization if self.start_weights is not None else None,
+            foreign_layout=(
+                self.start_weights.layout
+                if self.start_weights is not None and self.start_weights.layout != "native"
+                else None
+            ),
+            backbone_normalizes=bool(getattr(backbone, "normalizes_inputs", False)),
+        )
+        if self.start_weights is not None:
+            rank_zero_print(
+                f"{self.start_weights.summary()}; model input normalisation: {self.input_normalization_used}"
+            )
+        #: the start model comes from a file (init_weights, or a backbone that loads one: a RobustBench model)
+        self.starts_from_file = init_weights is not None or getattr(backbone, "weights_file", None) is not None
+        self.start_model_check_batches = start_model_check_batches
         self.net = nn.Sequential()
-        self.net.add_module("normalize", nn.Identity() if input_mean is None else Normalize(input_mean, input_std))
+        self.net.add_module("normalize", nn.Identity() if mean is None else Normalize(mean, std))
         self.net.add_module("backbone", backbone)
 
         self.objective = build_objective(objective, train_attack, beta=beta)
@@ -396,6 +445,13 @@ class RobustFairLitModule(pl.LightningModule):
             objective=self.objective,
             epoch=epoch,
         )
+
+    def on_fit_start(self) -> None:
+        """A fit from a file (not resumed): the start model's clean and PGD accuracy first (a collective under DDP)."""
+        if self.starts_from_file and self.start_model_check_batches > 0 and self.trainer.ckpt_path is None:
+            from confspec_lightning.evaluation.start_model import report_start_model
+
+            report_start_model(self, self.start_model_check_batches)
 
     # ------------------------------------------------------------ evaluation
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -33,6 +33,12 @@ def test_configs_are_shipped():
     assert {
         f"cifar10/finetune_{m}.yaml" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
     } <= names
+    public = ["cifar10/finetune_trades_csr_from_trades_wrn.yaml", "cifar10/finetune_trades_csr_from_robustbench.yaml"]
+    assert {
+        *public,
+        "audit/robustbench_cifar10.yaml",
+        "audit/checkpoint_cifar10.yaml",
+    } <= names  # docs/public-models.md
 
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -46,14 +52,37 @@ SMALL_SPLITS = [
 ]
 
 
-def config_overrides(name: str, tmp) -> list[str]:
-    """Small data and (for fine-tuning) a generated starting checkpoint, so every config runs in seconds."""
+def config_overrides(name: str, tmp, monkeypatch=None) -> list[str]:
+    """Small data and (for fine-tuning) a generated starting checkpoint, so every config runs in seconds.
+
+    The recipes of public models start from a tiny network in the public layout: TRADES's WideResNet file (with its
+    sub_block1), or a RobustBench entry in RobustBench's cache layout (needs robustbench and ``monkeypatch``).
+    """
     if name.startswith("digits/"):
         return []
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{name} needs the offline archives in {SHARED_DATA}, which is absent")
+    cifar = [f"--data.init_args.root={SHARED_DATA / 'cifar10_q75'}", *SMALL_SPLITS]
+    stem = name.removesuffix(".yaml")
+    if stem.endswith("_robustbench") or stem == "audit/robustbench_cifar10":
+        from public_architectures import TINY_ROBUSTBENCH_NAME, install_tiny_robustbench_entry
+
+        install_tiny_robustbench_entry(monkeypatch, tmp / "models")
+        backbone = "--model.init_args.backbone.init_args"
+        return [*cifar, f"{backbone}.name={TINY_ROBUSTBENCH_NAME}", f"{backbone}.model_dir={tmp / 'models'}"]
+    if stem.endswith("_from_trades_wrn") or stem == "audit/checkpoint_cifar10":
+        from public_architectures import TradesWideResNet
+
+        weights = tmp / "model_cifar_wrn.pt"
+        torch.save(TradesWideResNet(depth=10, widen_factor=1).state_dict(), weights)  # TRADES's format and layout
+        return [
+            *cifar,
+            "--model.init_args.backbone.init_args.depth=10",
+            "--model.init_args.backbone.init_args.widen_factor=1",
+            f"--model.init_args.init_weights={weights}",
+        ]
     if name.startswith("cifar10/"):
-        out = [f"--data.init_args.root={SHARED_DATA / 'cifar10_q75'}", *SMALL_SPLITS]
+        out = list(cifar)
         if "finetune" in name:  # a small WideResNet and a generated "TRADES model" to start from
             from confspec_lightning.models import WideResNet
 
@@ -77,9 +106,9 @@ def _config_param(config):
 
 
 @pytest.mark.parametrize("config", [_config_param(c) for c in CONFIGS])
-def test_every_config_fast_dev_run(config, chdir_tmp):
+def test_every_config_fast_dev_run(config, chdir_tmp, monkeypatch):
     name = config.relative_to(ROOT / "configs").as_posix()
-    overrides = config_overrides(name, chdir_tmp)
+    overrides = config_overrides(name, chdir_tmp, monkeypatch)
     cli = build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *QUICK, *overrides])
     module, dm = cli.model, cli.datamodule
     assert module.num_classes == dm.num_classes  # linked, given once

@@ -278,3 +278,49 @@ def test_ddp_fit_validation_and_best_checkpoint_equal_one_process(tmp_path):
             assert ours.keys() == theirs.keys()
             for key, value in ours.items():
                 assert value == theirs[key] or value == pytest.approx(theirs[key], rel=1e-9), (processes, key)
+
+
+def test_ddp_start_model_check_equals_one_process(tmp_path):
+    """The start model's evaluation before a fit from a file: every rank evaluates its share of the validation split,
+    the counts are summed (one collective on every rank), and the printed line is one process's."""
+    import re
+
+    from confspec_lightning.models import DigitsCNN
+
+    torch.manual_seed(3)
+    weights = tmp_path / "start.pt"
+    torch.save(DigitsCNN(width=32).state_dict(), weights)
+    lines = {}
+    for processes in (1, 2):
+        save_dir = tmp_path / f"p{processes}"
+        save_dir.mkdir()
+        args = [
+            "fit",
+            "--config",
+            str(ROOT / "configs/digits/trades.yaml"),
+            "--trainer.accelerator=cpu",
+            f"--trainer.devices={processes}",
+            f"--trainer.strategy={'ddp' if processes > 1 else 'auto'}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+            "--model.init_args.train_attack.steps=1",
+            "--model.init_args.eval_attack.steps=3",
+            "--model.init_args.eval_attack.random_start=false",
+            f"--model.init_args.init_weights={weights}",
+            "--model.init_args.start_model_check_batches=4",  # the whole validation split on 1 and on 2 processes
+        ]
+        if processes == 1:
+            proc = run_confspec_in_process(*args, cwd=save_dir)
+        else:
+            proc = run_confspec(*args, cwd=save_dir, env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        found = re.findall(
+            r"start model: clean [\d.]+ %, PGD-3 [\d.]+ % \(class-balanced; worst class [^;]+;", proc.stdout
+        )
+        assert len(found) == 1, proc.stdout[-3000:]  # printed once (rank 0)
+        lines[processes] = found[0]
+    assert lines[1] == lines[2], lines

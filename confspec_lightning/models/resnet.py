@@ -3,17 +3,30 @@
 * ``ResNet18``: He et al. (2016) with the CIFAR stem (3x3 conv, no max-pool), as in the widely used
   ``pytorch-cifar`` definition; 11.2 M parameters for 10 classes.
 * ``PreActResNet18``: pre-activation ResNet (He et al., 2016b) as in Rice et al. (2020) and the CSR
-  paper's from-scratch protocol, with a final BN-ReLU before pooling.
+  paper's from-scratch protocol, with a final BN-ReLU before pooling. Two variants of the public code
+  compute other functions with the same shapes, and are options: ``shortcut="input"`` (the 1x1 shortcut
+  convolution takes the raw block input x, as fast_adversarial and RobustBench's ``PreActBlock`` do, instead of
+  relu(bn1(x))) and ``final_bn=False`` (no BN-ReLU before pooling: kuangliu's ``pytorch-cifar`` and
+  RobustBench's default ``bn_before_fc=False``).
 * ``WideResNet``: Zagoruyko & Komodakis (2016) as in TRADES/CSR (``WRN-34-10``: depth 34, widen 10;
   ``WRN-28-10``: depth 28).
 
-All end in a global average pool, so 32x32 (CIFAR) and 64x64 (Tiny-ImageNet) inputs both work.
+All end in a global average pool, so 32x32 (CIFAR) and 64x64 (Tiny-ImageNet) inputs both work (the public
+definitions pool with a fixed kernel, ``avg_pool2d(out, 8)`` or ``(out, 4)``: the same function on 29..32-pixel
+inputs; :mod:`confspec_lightning.models.layouts` reads their files).
 Inputs are expected normalised; ``RobustFairLitModule`` puts the normalisation in front.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
+
+from confspec_lightning.validation import check_bool, check_choice
+
+#: What a PreAct block's 1x1 shortcut convolution takes: relu(bn1(x)) ("activated") or the raw input x ("input").
+ShortcutInput = Literal["activated", "input"]
 
 
 def _conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
@@ -44,10 +57,18 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation block: conv(relu(bn(conv(relu(bn(x)))))) + shortcut(relu(bn(x)))."""
+    """Pre-activation block: conv(relu(bn(conv(relu(bn(x)))))) + shortcut(relu(bn(x))), or + shortcut(x).
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    ``shortcut_input`` says what a projection shortcut (where the shape changes) takes: ``"activated"``
+    relu(bn1(x)) (He et al. 2016b, kuangliu, Rice et al.), or ``"input"`` the raw x (fast_adversarial,
+    RobustBench's ``PreActBlock``). Without projection the identity adds x in both.
+    """
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, shortcut_input: ShortcutInput = "activated"
+    ) -> None:
         super().__init__()
+        self.shortcut_input = shortcut_input
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = _conv3x3(in_planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -58,14 +79,25 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn1(x).relu()
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        if self.shortcut is None:
+            shortcut = x
+        else:
+            shortcut = self.shortcut(out if self.shortcut_input == "activated" else x)
         out = self.conv1(out)
         out = self.conv2(self.bn2(out).relu())
         return out + shortcut
 
 
 class _ResNet(nn.Module):
-    def __init__(self, block: type[nn.Module], num_blocks: list[int], num_classes: int, preact: bool) -> None:
+    def __init__(
+        self,
+        block: type[nn.Module],
+        num_blocks: list[int],
+        num_classes: int,
+        preact: bool,
+        final_bn: bool = True,
+        **block_options: str,
+    ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(3, 64)
         self.stem_bn: nn.Module = nn.Identity() if preact else nn.BatchNorm2d(64)
@@ -75,10 +107,10 @@ class _ResNet(nn.Module):
         for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), num_blocks, strict=True)):
             for block_index in range(blocks):
                 stride = 2 if index > 0 and block_index == 0 else 1
-                layers.append(block(in_planes, planes, stride))
+                layers.append(block(in_planes, planes, stride, **block_options))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
-        self.final_bn: nn.Module = nn.BatchNorm2d(512) if preact else nn.Identity()
+        self.final_bn: nn.Module = nn.BatchNorm2d(512) if preact and final_bn else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512, num_classes)
 
@@ -87,7 +119,7 @@ class _ResNet(nn.Module):
         if not self.preact:
             out = self.stem_bn(out).relu()
         out = self.layers(out)
-        if self.preact:
+        if isinstance(self.final_bn, nn.BatchNorm2d):
             out = self.final_bn(out).relu()
         return self.linear(self.pool(out).flatten(1))
 
@@ -108,10 +140,19 @@ class PreActResNet18(_ResNet):
 
     Args:
         num_classes: number of output logits.
+        shortcut: what the projection shortcuts take, ``"activated"`` relu(bn1(x)) (default; Rice et al.,
+            kuangliu) or ``"input"`` the raw block input (fast_adversarial, RobustBench's ``PreActBlock``).
+        final_bn: a BN-ReLU before pooling (default; Rice et al., fast_adversarial), or none (kuangliu,
+            RobustBench's ``PreActResNet`` default).
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__(PreActBlock, [2, 2, 2, 2], num_classes, preact=True)
+    def __init__(self, num_classes: int = 10, shortcut: ShortcutInput = "activated", final_bn: bool = True) -> None:
+        check_choice("PreActResNet18.shortcut", shortcut, ShortcutInput)
+        check_bool("PreActResNet18.final_bn", final_bn)
+        super().__init__(
+            PreActBlock, [2, 2, 2, 2], num_classes, preact=True, final_bn=final_bn, shortcut_input=shortcut
+        )
+        self.shortcut_input = shortcut
 
 
 class WideBlock(nn.Module):

@@ -38,7 +38,9 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
     torch.save(DigitsCNN(width=8).state_dict(), path)
     with pytest.raises(ValueError, match=r"does not fit the backbone DigitsCNN.*other shapes \[features.0.weight"):
         load_backbone_weights(DigitsCNN(width=16), path)
-    with pytest.raises(ValueError, match=r"does not fit the backbone ResNet18.*missing"):
+    with pytest.raises(
+        ValueError, match=r"does not fit the backbone ResNet18: its layout is not one.*init_weights_layout"
+    ):
         load_backbone_weights(ResNet18(), path)
 
 
