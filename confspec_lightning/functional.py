@@ -25,7 +25,7 @@ checked for CPU tensors only (on an accelerator that check would cost a synchron
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -291,53 +291,56 @@ class BatchSurrogateOperator:
     """M = the surrogate confusion matrix L of a batch, L[:, j] = sum_{k: y_k = j} S[k, :] / m_j, never formed.
 
     M V = S^T (V[y] / m[y]) and M^T U = (index-add over y of S U) / m: O(B K) per product with dense rows (``soft``),
-    O(B) when each sample charges at most one cell (``kl``, ``counts``: ``one_cell``). ``reduce`` sums a (K, 2)
-    partial product over DDP ranks (the global batch's M is the sum of the ranks' M); the identity by default.
+    O(B) with :class:`Charges` (``kl``, ``counts``: one cell per sample). ``reduce`` sums a (K, 2) partial product
+    over DDP ranks (the global batch's M is the sum of the ranks' M); the identity by default.
 
     Args:
-        contributions: S (B, K), what each sample charges to the cells of its true-class column.
+        contributions: S (B, K) or :class:`Charges`: what each sample charges to its true-class column.
         target: (B,) true classes.
+        num_classes: K.
         class_counts: m (K,) of the global batch, or None for raw sums (no per-class normalisation).
-        one_cell: each row of S has at most one non-zero entry.
         reduce: the sum over ranks of a local partial product.
     """
 
     def __init__(
         self,
-        contributions: Tensor,
+        contributions: Tensor | Charges,
         target: Tensor,
+        num_classes: int,
         class_counts: Tensor | None = None,
-        one_cell: bool = False,
         reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        s = contributions.detach().to(torch.float64)
-        self.size = s.shape[1]
+        self.size = num_classes
         self.target = target
-        self.inverse = (
-            torch.ones(self.size, dtype=s.dtype, device=s.device)
+        device = target.device
+        inverse = (
+            torch.ones(num_classes, dtype=torch.float64, device=device)
             if class_counts is None
-            else 1.0 / class_counts.to(s).clamp_min(1.0)
+            else 1.0 / class_counts.to(device=device, dtype=torch.float64).clamp_min(1.0)
         )
-        self.one_cell = one_cell
-        if one_cell:  # the charged cell and its value (a row of zeros charges 0 to cell 0)
-            self.cell, self.value = s.argmax(dim=1), s.sum(dim=1)
+        self.inverse = inverse
+        self.charges = isinstance(contributions, Charges)
+        if self.charges:  # coefficient of sample k: its charged value over m_{y_k}
+            self.cells = contributions.cells
+            self.coefficient = (contributions.values.detach().to(torch.float64) * inverse[target])[:, None]
         else:
-            self.s = s
+            self.s = contributions.detach().to(torch.float64)
         self.reduce = reduce or (lambda t: t)
 
     def times(self, v: Tensor) -> Tensor:
         """M V for V (K, 2)."""
-        w = v[self.target] * self.inverse[self.target, None]  # (B, 2): V[y_k] / m_{y_k}
-        if self.one_cell:
-            local = v.new_zeros(self.size, 2).index_add_(0, self.cell, self.value[:, None] * w)
+        if self.charges:
+            local = v.new_zeros(self.size, 2).index_add_(0, self.cells, self.coefficient * v[self.target])
         else:
-            local = self.s.t() @ w
+            local = self.s.t() @ (v[self.target] * self.inverse[self.target, None])  # S^T (V[y_k] / m_{y_k})
         return self.reduce(local)
 
     def times_transposed(self, u: Tensor) -> Tensor:
         """M^T U for U (K, 2)."""
-        per_sample = self.value[:, None] * u[self.cell] if self.one_cell else self.s @ u  # (B, 2): S[k] . U
-        local = u.new_zeros(self.size, 2).index_add_(0, self.target, per_sample) * self.inverse[:, None]
+        if self.charges:
+            local = u.new_zeros(self.size, 2).index_add_(0, self.target, self.coefficient * u[self.cells])
+        else:
+            local = u.new_zeros(self.size, 2).index_add_(0, self.target, self.s @ u) * self.inverse[:, None]
         return self.reduce(local)
 
 
@@ -443,7 +446,11 @@ class SpectralDirection:
 
 
 def csr_weights(
-    direction: Tensor | SpectralDirection, adv_logits: Tensor, target: Tensor, include_diagonal: bool = True
+    direction: Tensor | SpectralDirection,
+    adv_logits: Tensor,
+    target: Tensor,
+    include_diagonal: bool = True,
+    pred: Tensor | None = None,
 ) -> Tensor:
     """Per-sample CSR weights w_k = G[yhat_k, y_k], yhat_k = argmax f(x_adv_k) (docs/method.md §2).
 
@@ -455,14 +462,14 @@ def csr_weights(
     """
     if isinstance(direction, SpectralDirection):
         _check_inputs(adv_logits, target, direction.u.shape[0])
-        pred = adv_logits.detach().argmax(dim=1)
+        pred = adv_logits.detach().argmax(dim=1) if pred is None else pred
         weights = direction.entries(pred, target).to(device=adv_logits.device, dtype=torch.float32)
     else:
         if not isinstance(direction, Tensor) or direction.ndim != 2 or direction.shape[0] != direction.shape[1]:
             shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
             raise ValueError(f"direction must be a square (K, K) matrix; got shape {shape}.")
         _check_inputs(adv_logits, target, direction.shape[0])
-        pred = adv_logits.detach().argmax(dim=1)
+        pred = adv_logits.detach().argmax(dim=1) if pred is None else pred
         weights = direction.to(device=adv_logits.device, dtype=torch.float32)[pred, target]
     if not include_diagonal:
         weights = torch.where(pred == target, torch.zeros_like(weights), weights)
@@ -510,18 +517,59 @@ def surrogate_contributions(
     return charged * ce[:, None]
 
 
-def add_contributions_(matrix: Tensor, contributions: Tensor, target: Tensor, one_cell: bool = False) -> None:
-    """In place: matrix[:, y_k] += S[k, :] for every sample k (detached; the matrix's dtype).
+class Charges(NamedTuple):
+    """What a batch charges to the surrogate confusion matrix when each sample charges at most one cell.
 
-    ``one_cell`` (each row of S has at most one non-zero entry: ``kl``, ``counts``): one scalar per sample is added
-    at its cell (argmax of the row), O(B) instead of O(B K) strided column writes; the same sums.
+    The ``counts`` and ``kl`` surrogates: sample k charges ``values[k]`` to the cell (``cells[k]``, y_k) (0 when it is
+    not charged). The dense (B, K) form (:func:`surrogate_contributions`) holds the same numbers with K - 1 zeros
+    per row; every consumer takes either, and the compact one costs O(B) instead of O(B K).
     """
+
+    cells: Tensor
+    values: Tensor
+
+
+def charges(
+    adv_logits: Tensor,
+    target: Tensor,
+    surrogate: Surrogate = "kl",
+    gamma: float = 0.0,
+    margin: Margin = "additive",
+    adv_ce: Tensor | None = None,
+    pred: Tensor | None = None,
+) -> Charges | Tensor:
+    """:func:`surrogate_contributions` in the compact :class:`Charges` form for ``counts`` and ``kl``.
+
+    Dense (B, K) for ``soft``, which charges every wrong cell. ``values`` keep their graph for ``kl``. ``pred``: the
+    argmax of ``adv_logits`` if already computed (used when gamma = 0, where the margin changes nothing).
+    """
+    check_choice("surrogate", surrogate, Surrogate)
+    if surrogate == "soft":
+        return surrogate_contributions(adv_logits, target, surrogate, gamma, margin, adv_ce)
+    pred = pred if pred is not None and gamma == 0.0 else margin_predictions(adv_logits, target, gamma, margin)
+    charged = (pred != target).float()
+    if surrogate == "counts":
+        return Charges(pred, charged)
+    ce = cross_entropy(adv_logits, target) if adv_ce is None else adv_ce.float()
+    return Charges(pred, charged * ce)
+
+
+def add_contributions_(
+    matrix: Tensor, contributions: Tensor | Charges, target: Tensor, scale: Tensor | None = None
+) -> None:
+    """In place: matrix[:, y_k] += scale_k S[k, :] for every sample k (detached; the matrix's dtype).
+
+    :class:`Charges` add one scalar per sample at its cell, O(B), instead of O(B K) strided column writes; the same
+    sums. ``scale``: an optional (B,) factor per sample.
+    """
+    if isinstance(contributions, Charges):
+        values = contributions.values.detach().to(matrix.dtype)
+        values = values if scale is None else values * scale
+        matrix.view(-1).index_add_(0, contributions.cells * matrix.shape[1] + target, values)
+        return
     s = contributions.detach().to(matrix.dtype)
-    if one_cell:
-        k = matrix.shape[1]
-        matrix.view(-1).index_add_(0, s.argmax(dim=1) * k + target, s.sum(dim=1))
-    else:
-        matrix.index_add_(1, target, s.t())
+    s = s if scale is None else s * scale[:, None]
+    matrix.index_add_(1, target, s.t())
 
 
 def surrogate_confusion(contributions: Tensor, target: Tensor, class_counts: Tensor | None = None) -> Tensor:
@@ -538,7 +586,10 @@ def surrogate_confusion(contributions: Tensor, target: Tensor, class_counts: Ten
 
 
 def spectral_penalty(
-    direction: Tensor | SpectralDirection, contributions: Tensor, target: Tensor, class_counts: Tensor | None
+    direction: Tensor | SpectralDirection,
+    contributions: Tensor | Charges,
+    target: Tensor,
+    class_counts: Tensor | None,
 ) -> Tensor:
     """sum_ij G_ij L_ij = sum_k sum_i G[i, y_k] S[k, i] / m_{y_k}: the paper form's penalty for a direction G.
 
@@ -548,7 +599,13 @@ def spectral_penalty(
     A :class:`SpectralDirection` G = a u v^T + b gives sum_k [a v[y_k] (S[k] . u) + b sum_i S[k, i]] / m_{y_k}
     without forming G: O(B K).
     """
-    if isinstance(direction, SpectralDirection):
+    if isinstance(contributions, Charges):  # one cell per sample: G[cell_k, y_k] times its value
+        values = contributions.values.float()
+        if isinstance(direction, SpectralDirection):
+            per_sample = direction.entries(contributions.cells, target).to(values) * values
+        else:
+            per_sample = direction.to(device=values.device, dtype=torch.float32)[contributions.cells, target] * values
+    elif isinstance(direction, SpectralDirection):
         a, b = (t.to(device=contributions.device, dtype=torch.float32) for t in direction.affine())
         u = direction.u.to(device=contributions.device, dtype=torch.float32)
         v = direction.v.to(device=contributions.device, dtype=torch.float32)

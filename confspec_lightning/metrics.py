@@ -85,8 +85,8 @@ class RobustConfusionMatrix(_StatisticsMetric):
             pred = CF.margin_predictions(logits, target, self.gamma, self.margin)
             CF.accumulate_confusion_(self.errors, self.class_counts, pred, target)
             return
-        contributions = CF.surrogate_contributions(logits.detach(), target, self.surrogate, self.gamma, self.margin)
-        CF.add_contributions_(self.errors, contributions, target, one_cell=self.surrogate == "kl")
+        contributions = CF.charges(logits.detach(), target, self.surrogate, self.gamma, self.margin)
+        CF.add_contributions_(self.errors, contributions, target)
         self.class_counts.scatter_add_(0, target, torch.ones_like(target))
 
     def compute(self) -> Tensor:

@@ -145,13 +145,36 @@ def test_the_batch_operator_has_the_products_of_the_formed_matrix(surrogate, nor
     contributions = CF.surrogate_contributions(logits, target, surrogate).double()
     counts = CF.counts_per_class(target, k)
     formed = CF.surrogate_confusion(contributions, target, counts if normalize else None)
-    operator = CF.BatchSurrogateOperator(
-        contributions, target, counts if normalize else None, one_cell=surrogate != "soft"
-    )
-    block = torch.rand(k, 2, dtype=torch.float64)
-    torch.testing.assert_close(operator.times(block), formed @ block)
-    torch.testing.assert_close(operator.times_transposed(block), formed.t() @ block)
-    from_operator = CF.top_singular_subspace(operator, CF.initial_subspace(k), iterations=30)
-    from_matrix = CF.top_singular_subspace(formed, CF.initial_subspace(k), iterations=30)
-    for a, c in zip(from_operator[:3], from_matrix[:3], strict=True):
-        torch.testing.assert_close(a, c)
+    compact = CF.charges(logits, target, surrogate)  # Charges for counts and kl, dense for soft
+    assert isinstance(compact, CF.Charges) == (surrogate != "soft")
+    for given in (contributions, compact):
+        operator = CF.BatchSurrogateOperator(given, target, k, counts if normalize else None)
+        block = torch.rand(k, 2, dtype=torch.float64)
+        torch.testing.assert_close(operator.times(block), formed @ block)
+        torch.testing.assert_close(operator.times_transposed(block), formed.t() @ block)
+        from_operator = CF.top_singular_subspace(operator, CF.initial_subspace(k), iterations=30)
+        from_matrix = CF.top_singular_subspace(formed, CF.initial_subspace(k), iterations=30)
+        for a, c in zip(from_operator[:3], from_matrix[:3], strict=True):
+            torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("surrogate", ["kl", "counts"])
+def test_the_compact_charges_hold_the_dense_contributions(surrogate):
+    """Charges (one cell per sample) give the dense form's matrix, penalty and gradient, bit for bit."""
+    torch.manual_seed(8)
+    k, b = 6, 40
+    logits, target = torch.randn(b, k, requires_grad=True), torch.randint(0, k, (b,))
+    dense = CF.surrogate_contributions(logits, target, surrogate, gamma=0.1)
+    compact = CF.charges(logits, target, surrogate, gamma=0.1)
+    expected = torch.zeros(k, k, dtype=torch.float64)
+    CF.add_contributions_(expected, dense, target)
+    got = torch.zeros(k, k, dtype=torch.float64)
+    CF.add_contributions_(got, compact, target)
+    assert torch.equal(got, expected)
+    if surrogate == "kl":
+        direction, counts = torch.rand(k, k), CF.counts_per_class(target, k)
+        p_dense = CF.spectral_penalty(direction, dense, target, counts)
+        p_compact = CF.spectral_penalty(direction, compact, target, counts)
+        assert torch.equal(p_dense, p_compact)
+        g_dense = torch.autograd.grad(p_dense, logits, retain_graph=True)[0]
+        assert torch.equal(torch.autograd.grad(p_compact, logits)[0], g_dense)

@@ -99,9 +99,10 @@ class CSR(FairnessMethod):
             iteration warm-started from the previous step, on the device, no host sync, O(K^2)) or ``"svd"``
             (a float64 SVD with a check of the matrix's entries: O(K^3) and one host sync per step; the
             reference). The epoch-level sources always take the SVD, once per epoch.
-        power_iterations: iterations n of the ``power`` solver per step; None (default): 8 for ``batch`` (each step's
-            matrix is new) and 2 for ``ema`` (the average moves little per step, so the previous step's vectors are
-            nearly converged). The error shrinks like (sigma_3 / sigma_1)^(2n) from the previous step's vectors.
+        power_iterations: iterations n of the ``power`` solver per step; None (default): 8 for ``batch`` (each
+            step's matrix is new: the SVD's pair to a cosine >= 1 - 1e-6 when sigma_2 <= sigma_1 / 2, from any
+            start) and 2 for ``ema`` (the average moves little per step: the previous step's vectors are nearly
+            converged). The error shrinks like (sigma_3 / sigma_1)^(2n) from the previous step's vectors.
         include_diagonal: code form: correctly classified samples get G[y, y] (default) or 0. The paper form
             charges only errors (must stay unset or false).
         rescale: rescale G to [0.01, 2.01] (code default) or use u1 v1^T as it is (paper default).
@@ -269,18 +270,18 @@ class CSR(FairnessMethod):
         batch's scaled contributions are added where they fall (O(K^2 + B K), no K x K temporary).
         """
         k = self.num_classes
-        s = contributions.detach().double()
+        device = target.device
         if self.confusion_source == "ema" and world_size() == 1:
             counts = CF.counts_per_class(target, k).double()
             first = ~self.ema_initialised
-            share = torch.where(first, 1.0, 1.0 - self.ema_decay).to(s)  # the first step takes the batch's matrix
+            share = torch.where(first, 1.0, 1.0 - self.ema_decay).to(counts)  # the first step takes the batch's
             scale = share / counts.clamp_min(1.0)[target] if self.normalize else share.expand(target.shape)
-            self.ema_matrix.mul_(torch.where(first, 0.0, self.ema_decay).to(s))
-            CF.add_contributions_(self.ema_matrix, s * scale[:, None], target, one_cell=self.surrogate != "soft")
+            self.ema_matrix.mul_(torch.where(first, 0.0, self.ema_decay).to(counts))
+            CF.add_contributions_(self.ema_matrix, contributions, target, scale=scale)
             self.ema_initialised.fill_(True)
             return self.ema_matrix, counts
-        local = s.new_zeros(k * k + k)
-        CF.add_contributions_(local[: k * k].view(k, k), s, target, one_cell=self.surrogate != "soft")
+        local = torch.zeros(k * k + k, dtype=torch.float64, device=device)
+        CF.add_contributions_(local[: k * k].view(k, k), contributions, target)
         local[k * k :].index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
         total = sum_across_ranks(local)
         sums, counts = total[: k * k].view(k, k), total[k * k :]
@@ -302,11 +303,7 @@ class CSR(FairnessMethod):
         if self.iterates and self.confusion_source == "batch":
             counts = sum_across_ranks(CF.counts_per_class(target, self.num_classes).double())
             operator = CF.BatchSurrogateOperator(
-                contributions,
-                target,
-                counts if self.normalize else None,
-                one_cell=self.surrogate != "soft",
-                reduce=sum_across_ranks,
+                contributions, target, self.num_classes, counts if self.normalize else None, reduce=sum_across_ranks
             )
         else:
             matrix, counts = self._batch_matrix(contributions, target)
@@ -327,16 +324,17 @@ class CSR(FairnessMethod):
         """Code form: (1 - alpha) on the ce term + alpha (1/B) sum_k w_k CE_adv; paper form: + alpha sigma_max(L)."""
         contributions = None
         counts = None
+        pred = output.adv_logits.detach().argmax(dim=1) if self.form == "code" else None  # shared: one argmax
         if self.form == "paper" or self.per_step:
-            contributions = CF.surrogate_contributions(
-                output.adv_logits, target, self.surrogate, self.gamma, self.margin, adv_ce=output.adv_ce
+            contributions = CF.charges(  # compact for counts and kl (one cell per sample), dense for soft
+                output.adv_logits, target, self.surrogate, self.gamma, self.margin, adv_ce=output.adv_ce, pred=pred
             )
         if self.per_step:
             direction, counts = self._step_direction(contributions, target)
         else:
             direction = self.direction
         if self.form == "code":
-            weights = CF.csr_weights(direction, output.adv_logits, target, self.include_diagonal)
+            weights = CF.csr_weights(direction, output.adv_logits, target, self.include_diagonal, pred=pred)
             return LossAdjustment(
                 term_weights={"ce": 1.0 - self.alpha},
                 extra_terms={"csr": self.alpha * (weights * output.adv_ce).mean()},
