@@ -19,7 +19,11 @@ PACKAGES = ("torch", "lightning", "torchmetrics", "numpy", "pyautoattack", "json
 
 
 def package_version(name: str) -> str:
-    """The installed version of ``name``, or ``"not installed"``."""
+    """The installed version of ``name``, or ``"not installed"``; torch's own (with its build, e.g. ``+cu130``)."""
+    if name == "torch":
+        import torch
+
+        return str(torch.__version__)
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

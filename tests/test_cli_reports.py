@@ -42,7 +42,7 @@ def test_command_line_options_win_over_the_checkpoint_for_test_validate_and_pred
     assert [a["class_path"] for a in saved["model"]["init_args"]["test_attacks"]] == ["confspec_lightning.attacks.PGD"]
     assert saved["data"]["init_args"]["eval_batch_size"] == 50
     assert saved["model"]["init_args"]["eval_attack"]["steps"] == 3
-    printed = run_confspec("test", *common, *overrides, "--print_config", cwd=cwd)
+    printed = run_confspec_in_process("test", *common, *overrides, "--print_config", cwd=cwd)
     assert printed.returncode == 0, printed.stderr[-2000:]
     shown = yaml.safe_load(printed.stdout)
     assert shown["model"]["init_args"]["test_attacks"] == saved["model"]["init_args"]["test_attacks"]

@@ -20,7 +20,9 @@ LINE = re.compile(r"start model: clean ([\d.]+) %, PGD-3 ([\d.]+) % \(class-bala
 def trained_digits_file(tmp_path_factory):
     """A small trained model: a DigitsCNN trained (clean) on the normalised digits, saved as a plain state dict."""
     module = make_module(fairness=[], cls=CleanTrainingModule)
-    make_trainer(max_epochs=6, limit_train_batches=1.0).fit(module, DigitsDataModule(batch_size=64))
+    make_trainer(max_epochs=6, limit_train_batches=1.0, limit_val_batches=0).fit(
+        module, DigitsDataModule(batch_size=64)
+    )
     path = tmp_path_factory.mktemp("start") / "digits_cnn.pt"
     torch.save(module.backbone.state_dict(), path)
     return path
