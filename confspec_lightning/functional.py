@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from confspec_lightning.objectives import cross_entropy
+from confspec_lightning.losses import cross_entropy
 from confspec_lightning.validation import check_choice, check_int, check_real
 
 Margin = Literal["relative", "additive"]

@@ -37,7 +37,14 @@ from confspec_lightning.models.layouts import LayoutName
 from confspec_lightning.models.normalize import InputNormalization, Normalize, resolve_input_normalization
 from confspec_lightning.models.weights import load_backbone_weights, load_error, raised_by_torch_load
 from confspec_lightning.numerics import NonFiniteGuard
-from confspec_lightning.objectives import ObjectiveName, ObjectiveOutput, build_objective, combine_terms
+from confspec_lightning.objectives import (
+    AWP,
+    BaseObjective,
+    ObjectiveName,
+    ObjectiveOutput,
+    build_objective,
+    combine_terms,
+)
 from confspec_lightning.validation import (
     check_bool,
     check_choice,
@@ -45,6 +52,7 @@ from confspec_lightning.validation import (
     check_int,
     check_normalization,
     check_num_classes,
+    choices,
 )
 
 try:  # set by LightningCLI while it instantiates the module (hyperparameters come from the config)
@@ -74,12 +82,19 @@ class RobustFairLitModule(pl.LightningModule):
     Args:
         backbone: any classifier ``nn.Module`` mapping normalised images to ``num_classes`` logits.
         num_classes: K (linked from the data module by the CLI).
-        objective: base objective, ``"trades"`` (default) or ``"pgd_at"``.
-        beta: TRADES weight of the KL term (default 6.0).
-        train_attack: threat model of the training attack (its objective follows ``objective``).
+        objective: base objective: a name (``"trades"`` (default), ``"pgd_at"``, ``"mart"``) or a
+            :class:`~confspec_lightning.objectives.BaseObjective` chosen by ``class_path`` (your own included).
+        beta: TRADES's and MART's weight of the KL term, for an objective given by name (default 6.0).
+        train_attack: threat model of the training attack (its attack loss follows ``objective``).
         eval_attack: threat model of the evaluation PGD (CE objective; default PGD-20): validation's robust
             accuracy, the budget of every test attack, ``predict``'s adversarial predictions.
         fairness: fairness methods applied in order, e.g. ``[CSR(alpha=0.3)]``; empty = plain base.
+        weight_perturbation: adversarial weight perturbation around the objective
+            (:class:`~confspec_lightning.objectives.AWP`; TRADES-AWP = ``objective: trades`` + ``AWP()``).
+        training_attack: the attack making the training batch (default
+            :class:`~confspec_lightning.attacks.PGD`, on the objective's attack loss with ``train_attack``).
+        validation_attack: the attack of validation, ``predict`` and the train/test divergence (default ``PGD()``:
+            PGD on CE with ``eval_attack``; e.g. ``CW()`` to select checkpoints on CW-20).
         optimizer: optimizer factory called with the parameters (default SGD).
         scheduler: optional LR scheduler factory called with the optimizer (stepped per epoch).
         input_mean: per-channel mean of the inputs (normalisation inside the model; linked from data).
@@ -132,11 +147,14 @@ class RobustFairLitModule(pl.LightningModule):
         self,
         backbone: nn.Module,
         num_classes: int,
-        objective: ObjectiveName = "trades",
+        objective: ObjectiveName | BaseObjective = "trades",
         beta: float = 6.0,
         train_attack: TrainAttackConfig = TrainAttackConfig(),
         eval_attack: EvalAttackConfig = EvalAttackConfig(),
         fairness: list[FairnessMethod] | None = None,
+        weight_perturbation: AWP | None = None,
+        training_attack: Attack | None = None,
+        validation_attack: Attack | None = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
         scheduler: LRSchedulerCallable | None = None,
         input_mean: list[float] | None = None,
@@ -167,6 +185,9 @@ class RobustFairLitModule(pl.LightningModule):
         check_normalization(input_mean, input_std)
         via_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
         components = ["backbone", "fairness", "optimizer", "scheduler", "test_attacks", "evaluator"]
+        components += ["weight_perturbation", "training_attack", "validation_attack"]
+        if not isinstance(objective, str):
+            components.append("objective")
         self.save_hyperparameters(ignore=[] if via_cli else components)
         # plain values only, so that checkpoints load with torch.load(weights_only=True)
         for key, value in (("train_attack", train_attack), ("eval_attack", eval_attack)):
@@ -203,10 +224,33 @@ class RobustFairLitModule(pl.LightningModule):
         self.net.add_module("normalize", nn.Identity() if mean is None else Normalize(mean, std))
         self.net.add_module("backbone", backbone)
 
-        self.objective = build_objective(objective, train_attack, beta=beta)
+        if not isinstance(objective, str | BaseObjective):
+            names = ", ".join(map(repr, choices(ObjectiveName)))
+            raise TypeError(
+                f"objective={objective!r} is not accepted; give a name ({names}) or a BaseObjective (class_path: "
+                "confspec_lightning.objectives.TRADES, MART, PGDAT or your own)."
+            )
+        if isinstance(objective, BaseObjective) and beta != 6.0:
+            raise ValueError(
+                f"beta={beta!r} applies to an objective given by name; set it in the objective's init_args "
+                f"({type(objective).__name__}(beta=...))."
+            )
+        self.objective = build_objective(objective, beta=beta)
+        self.train_attack = train_attack
         self.eval_attack = eval_attack
         self.eval_seed = eval_seed
-        self.fairness = FairnessStack(fairness or [], self.objective.terms, objective)
+        for name, attack in (("training_attack", training_attack), ("validation_attack", validation_attack)):
+            if attack is not None and not isinstance(attack, Attack):
+                raise TypeError(f"{name} must be an Attack (e.g. confspec_lightning.attacks.PGD); got {attack!r}.")
+        #: the attack that makes the training batch (the objective's attack loss, the threat model train_attack)
+        self.training_attack = training_attack if training_attack is not None else PGD()
+        #: the attack of validation, predict and the train/test divergence (the threat model eval_attack)
+        self.validation_attack = validation_attack if validation_attack is not None else PGD()
+        if weight_perturbation is not None and not isinstance(weight_perturbation, AWP):
+            raise TypeError(f"weight_perturbation must be an AWP; got {type(weight_perturbation).__name__}.")
+        self.weight_perturbation = weight_perturbation
+        self._perturbation: dict[str, Tensor] | None = None  # the AWP perturbation now applied to the weights
+        self.fairness = FairnessStack(fairness or [], self.objective.terms, self.objective.name)
         self.fairness.bind(num_classes, self.net)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -324,9 +368,30 @@ class RobustFairLitModule(pl.LightningModule):
 
     # --------------------------------------------------------------- training
     def generate_adversarial(self, x: Tensor, target: Tensor) -> Tensor:
-        """The training attack (the base objective's), with per-sample budgets from fairness methods."""
-        eps, step = self.fairness.attack_budget(target, self.objective.attack_config)
-        return self.objective.attack(self.net, x, target, eps=eps, step=step)
+        """The training attack on the base objective's attack loss, with per-sample budgets from fairness methods."""
+        eps, step = self.fairness.attack_budget(target, self.train_attack)
+        return self.training_attack.perturb(
+            self.net, x, target, threat=self.train_attack, loss=self.objective.attack_loss, eps=eps, step=step
+        )
+
+    # ------------------------------------------------------ weight perturbation
+    def perturb_weights(self, x: Tensor, x_adv: Tensor, target: Tensor) -> None:
+        """AWP: move the weights to w + v for this step's loss (removed after its backward)."""
+        awp = self.weight_perturbation
+        if awp is None or not awp.active(self.current_epoch):
+            return
+        self._perturbation = awp.perturbation(self.net, self.objective, x, x_adv, target)
+        awp.apply(self.net, self._perturbation)
+
+    def restore_weights(self) -> None:
+        """Remove the AWP perturbation (w + v -> w), if one is applied."""
+        if self._perturbation is not None:
+            AWP.apply(self.net, self._perturbation, sign=-1.0)
+            self._perturbation = None
+
+    def on_after_backward(self) -> None:
+        """The gradient was taken at w + v; the optimizer steps from w (and checkpoints never see w + v)."""
+        self.restore_weights()
 
     def compute_objective(self, x: Tensor, x_adv: Tensor, target: Tensor) -> ObjectiveOutput:
         """Per-sample terms of the base objective (train-mode forwards)."""
@@ -339,11 +404,17 @@ class RobustFairLitModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, target = batch
         x = self.format_input(x)
+        self.restore_weights()  # a step that never reached backward left its perturbation
         x_adv = self.generate_adversarial(x, target)
-        output = self.compute_objective(x, x_adv, target)
-        self.check_logits(output.adv_logits)
-        loss, parts = self.compute_loss(output, target)
-        self.check_finite(loss, parts, batch_idx)
+        self.perturb_weights(x, x_adv, target)
+        try:
+            output = self.compute_objective(x, x_adv, target)
+            self.check_logits(output.adv_logits)
+            loss, parts = self.compute_loss(output, target)
+            self.check_finite(loss, parts, batch_idx)
+        except BaseException:
+            self.restore_weights()
+            raise
         self.fairness.batch_end(output, target)
         self.train_confusion.update(output.adv_logits.detach(), target)
         batch_size = target.shape[0]
@@ -441,7 +512,8 @@ class RobustFairLitModule(pl.LightningModule):
             model=self.net,
             train_batches=lambda: passes.training_batches(self),
             validation_batches=lambda: passes.validation_batches(self),
-            attack=self.objective.attack_config,
+            attack=self.train_attack,
+            training_attack=self.training_attack,
             objective=self.objective,
             epoch=epoch,
         )

@@ -93,7 +93,7 @@ def test_backbone_output_size_mismatch_fails_before_training():
 @pytest.mark.parametrize(
     "build,match",
     [
-        (lambda: make_module(objective="mart"), r"objective='mart'.*'trades', 'pgd_at'"),
+        (lambda: make_module(objective="mat"), r"objective='mat'.*'trades', 'pgd_at', 'mart'"),
         (lambda: make_module(beta=-1.0), r"beta=-1.0"),
         (lambda: make_module(num_classes=1), r"num_classes=1"),
         (lambda: make_module(class_names=["a"]), r"class_names has 1 entries"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from confspec_lightning import functional as CF
+from confspec_lightning.attacks import PGD
 from confspec_lightning.data import DigitsDataModule
 from confspec_lightning.evaluation.classwise import ClasswiseResult
 from confspec_lightning.fairness import CFA, CSR, FAAL, FRL, WAT, EpochContext
@@ -40,7 +41,8 @@ def context(model: nn.Module | None = None, batches=(), objective=None, epoch: i
         train_batches=lambda: iter(batches),
         validation_batches=lambda: iter(batches),
         attack=QUICK_ATTACK,
-        objective=objective or build_objective("trades", QUICK_ATTACK),
+        training_attack=PGD(),
+        objective=objective or build_objective("trades"),
         epoch=epoch,
     )
 

@@ -251,7 +251,7 @@ def test_config_fields_at_fixed_edge_values(prefix):
 
 MODULE_FIELDS: dict[str, Callable[[Any], bool]] = {
     "num_classes": lambda v: integer(v, 2) and v <= 100_000,  # the backbone's output size is checked at setup
-    "objective": choice("trades", "pgd_at"),
+    "objective": choice("trades", "pgd_at", "mart"),
     "beta": at_least(0),
     "eval_seed": lambda v: integer(v, 0),
     "channels_last": is_bool,

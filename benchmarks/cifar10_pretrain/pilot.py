@@ -25,7 +25,7 @@ from confspec_lightning.attacks import AttackConfig
 from confspec_lightning.data import CIFAR10DataModule
 from confspec_lightning.data.base import random_crop_flip
 from confspec_lightning.models import DigitsCNN, Normalize, WideResNet
-from confspec_lightning.objectives import TRADESObjective
+from confspec_lightning.objectives import TRADES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -41,7 +41,7 @@ CANDIDATES = {
 def pilot(name: str, data: CIFAR10DataModule, seconds: float, lr: float) -> dict:
     torch.manual_seed(0)
     net = torch.nn.Sequential(Normalize(data.mean, data.std), CANDIDATES[name]())
-    objective = TRADESObjective(AttackConfig(steps=10), beta=6.0)
+    objective, threat = TRADES(beta=6.0), AttackConfig(steps=10)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     images, labels = data.splits["train"].tensors
     generator = torch.Generator().manual_seed(0)
@@ -51,7 +51,7 @@ def pilot(name: str, data: CIFAR10DataModule, seconds: float, lr: float) -> dict
             group["lr"] = lr_now
         x = random_crop_flip(images[idx].float() / 255, 4, generator)
         y = labels[idx]
-        x_adv = objective.attack(net, x, y)
+        x_adv = threat.perturb(net, x, y, objective.attack_loss)
         out = objective(net, x, x_adv, y)
         loss = out.terms["ce"].mean() + objective.beta * out.terms["kl"].mean()
         optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """Attacks in plain torch: threat models, PGD with its objectives, and the evaluation attacks of ``confspec test``.
 
-* :mod:`~.config`: :class:`AttackConfig` (norm, eps, step, steps, random start), :func:`eval_mode`,
-  :func:`grad_enabled`;
+* :mod:`~.context`: :func:`eval_mode`, :func:`grad_enabled` (the contexts every attack runs in);
+* :mod:`~.config`: :class:`AttackConfig` (norm, eps, step, steps, random start);
 * :mod:`~.losses`: what PGD maximises (``ce``, ``cw``, ``trades_kl``; one class each);
 * :mod:`~.pgd`: :func:`pgd`;
 * :mod:`~.base`: the evaluation :class:`Attack` interface, :class:`PGD` and :class:`CW`;
@@ -10,14 +10,8 @@
 
 from confspec_lightning.attacks.autoattack import AutoAttack, autoattack_predictions
 from confspec_lightning.attacks.base import CW, PGD, Attack
-from confspec_lightning.attacks.config import (
-    AttackConfig,
-    EvalAttackConfig,
-    Norm,
-    TrainAttackConfig,
-    eval_mode,
-    grad_enabled,
-)
+from confspec_lightning.attacks.config import AttackConfig, EvalAttackConfig, TrainAttackConfig
+from confspec_lightning.attacks.context import Norm, eval_mode, grad_enabled
 from confspec_lightning.attacks.losses import ATTACK_LOSSES, AttackLoss, AttackObjective, attack_loss
 from confspec_lightning.attacks.pgd import attack_objective_value, pgd
 

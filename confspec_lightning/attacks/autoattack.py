@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from confspec_lightning.attacks.base import Attack
-from confspec_lightning.attacks.config import AttackConfig, Norm, eval_mode, grad_enabled
+from confspec_lightning.attacks.config import AttackConfig
+from confspec_lightning.attacks.context import Norm, eval_mode, grad_enabled
 from confspec_lightning.validation import check_choice, check_int, check_real
 
 AutoAttackVersion = Literal["standard", "custom"]

@@ -1,19 +1,21 @@
-"""Threat models (``AttackConfig``) and the two contexts every attack runs in (eval mode, autograd on)."""
+"""Threat models: ``AttackConfig`` (norm, eps, step, steps, random start) and its training/evaluation variants.
+
+``AttackConfig.perturb`` runs :func:`~confspec_lightning.attacks.pgd.pgd` with the threat model (``pgd`` knows nothing
+of this module: no import cycle).
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from confspec_lightning.attacks.context import Norm
 from confspec_lightning.attacks.noise import RandomSource
+from confspec_lightning.attacks.pgd import pgd
 from confspec_lightning.validation import check_bool, check_choice, check_int, check_real
-
-Norm = Literal["linf", "l2"]
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,6 @@ class AttackConfig:
         generator: RandomSource = None,
     ) -> torch.Tensor:
         """:func:`~confspec_lightning.attacks.pgd` with this threat model; ``eps``/``step`` (per-sample) override it."""
-        from confspec_lightning.attacks.pgd import pgd
-
         return pgd(
             model,
             x,
@@ -109,26 +109,3 @@ class EvalAttackConfig(AttackConfig):
 
     field_name: ClassVar[str] = "eval_attack"
     steps: int = 20
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own ``training`` flag afterwards.
-
-    A blanket ``model.train()`` afterwards would unfreeze submodules the user froze on purpose
-    (e.g. BatchNorm layers of a fine-tuned backbone); this restores them one by one.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextlib.contextmanager
-def grad_enabled() -> Iterator[None]:
-    """Enable autograd even inside ``torch.inference_mode()`` or ``torch.no_grad()``."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield

@@ -3,8 +3,10 @@
 * ``ce`` (:class:`CrossEntropy`): CE(f(x_adv), y), uniform random start in the ball (Madry et al., 2018);
 * ``cw`` (:class:`Margin`): the Carlini-Wagner margin max_{j != y} z_j - z_y, uniform start (Carlini & Wagner,
   2017; the "CW-20" evaluation of the robustness literature);
-* ``trades_kl`` (:class:`TradesKL`): KL(p(x) || p(x_adv)), start x + 0.001 N(0, 1) (Zhang et al., 2019).
+* ``trades_kl`` (:class:`TradesKL`): KL(p(x) || p(x_adv)), start x + 0.001 N(0, 1) (Zhang et al., 2019);
+* ``mart_ce`` (:class:`MartCrossEntropy`): CE(f(x_adv), y) from x + 0.001 N(0, 1) (MART's attack, Wang et al., 2020).
 
+The values are the library's per-sample losses (:mod:`confspec_lightning.losses`: one implementation each).
 A new objective is a subclass registered in :data:`ATTACK_LOSSES` (its ``name`` is what configs give).
 """
 
@@ -16,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from confspec_lightning import losses
 from confspec_lightning.attacks.noise import RandomSource, normal_like, uniform_like
 from confspec_lightning.validation import check_choice
 
-AttackObjective = Literal["ce", "cw", "trades_kl"]
+AttackObjective = Literal["ce", "cw", "trades_kl", "mart_ce"]
 
 
 def l2_norm(t: Tensor) -> Tensor:
@@ -66,7 +69,7 @@ class CrossEntropy(AttackLoss):
         return probs - F.one_hot(target, probs.shape[1]).to(probs.dtype)
 
     def value(self, logits: Tensor, target: Tensor, prepared: Any) -> Tensor:
-        return F.cross_entropy(logits.float(), target, reduction="none")
+        return losses.cross_entropy(logits, target)
 
 
 class Margin(AttackLoss):
@@ -80,10 +83,7 @@ class Margin(AttackLoss):
         return F.one_hot(runner_up, logits.shape[1]).float() - is_true.float()
 
     def value(self, logits: Tensor, target: Tensor, prepared: Any) -> Tensor:
-        z = logits.float()
-        is_true = F.one_hot(target, z.shape[1]).bool()
-        true_logit = z.gather(1, target.long().unsqueeze(1)).squeeze(1)
-        return z.masked_fill(is_true, -torch.inf).amax(dim=1) - true_logit
+        return losses.margin(logits, target)
 
 
 class TradesKL(AttackLoss):
@@ -92,21 +92,31 @@ class TradesKL(AttackLoss):
     name = "trades_kl"
 
     def prepare(self, model: nn.Module, x: Tensor) -> Tensor:
-        return model(x).detach().float().softmax(dim=1)
+        return model(x).detach().float()  # the clean logits
 
     def random_start(self, x: Tensor, eps: Tensor, norm: str, generator: RandomSource) -> Tensor:
         return 0.001 * normal_like(x, generator)
 
     def logit_grad(self, logits: Tensor, target: Tensor, prepared: Tensor) -> Tensor:
-        return logits.float().softmax(dim=1) - prepared
+        return logits.float().softmax(dim=1) - prepared.softmax(dim=1)
 
     def value(self, logits: Tensor, target: Tensor, prepared: Tensor) -> Tensor:
-        log_q = logits.float().log_softmax(dim=1)
-        return F.kl_div(log_q, prepared.clamp_min(1e-30).log(), reduction="none", log_target=True).sum(1)
+        return losses.kl_divergence(prepared, logits)
+
+
+class MartCrossEntropy(CrossEntropy):
+    """CE(z, y) ascended from x + 0.001 N(0, 1), as MART's attack (Wang et al., ICLR 2020; its reference code)."""
+
+    name = "mart_ce"
+
+    def random_start(self, x: Tensor, eps: Tensor, norm: str, generator: RandomSource) -> Tensor:
+        return 0.001 * normal_like(x, generator)
 
 
 #: name -> objective; ``pgd(objective=...)`` takes a name or an :class:`AttackLoss` instance.
-ATTACK_LOSSES: dict[str, AttackLoss] = {loss.name: loss for loss in (CrossEntropy(), Margin(), TradesKL())}
+ATTACK_LOSSES: dict[str, AttackLoss] = {
+    loss.name: loss for loss in (CrossEntropy(), Margin(), TradesKL(), MartCrossEntropy())
+}
 
 
 def attack_loss(objective: str | AttackLoss) -> AttackLoss:

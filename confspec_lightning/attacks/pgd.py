@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from confspec_lightning.attacks.config import Norm, eval_mode, grad_enabled
+from confspec_lightning.attacks.context import Norm, eval_mode, grad_enabled
 from confspec_lightning.attacks.losses import AttackLoss, AttackObjective, attack_loss, l2_norm
 from confspec_lightning.attacks.noise import RandomSource
 from confspec_lightning.validation import check_choice, check_int

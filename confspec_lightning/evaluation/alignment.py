@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
-from confspec_lightning.objectives import cross_entropy
+from confspec_lightning.losses import cross_entropy
 
 #: The penalties compared, in table order; "CE" is the plain adversarial cross entropy (a reference).
 PENALTIES: tuple[str, ...] = ("counts-weighted CE", "kl", "soft", "CE")

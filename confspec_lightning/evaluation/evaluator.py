@@ -106,7 +106,8 @@ class Evaluator(pl.Callback):
         with ``module.eval_seed``).
         """
         noise = SampleNoise(module.eval_seed, indices)
-        return module.net(module.eval_attack.perturb(module.net, x, target, "ce", generator=noise))
+        x_adv = module.validation_attack.perturb(module.net, x, target, threat=module.eval_attack, generator=noise)
+        return module.net(x_adv)
 
     def evaluate_batch(
         self, module: RobustFairLitModule, batch: Any, stage: str, indices: Tensor

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from confspec_lightning.attacks import AttackConfig
+from confspec_lightning.attacks import Attack, AttackConfig, AttackObjective
 from confspec_lightning.objectives import BaseObjective, LossAdjustment, ObjectiveOutput
 
 
@@ -41,7 +41,9 @@ class EpochContext:
         validation_batches: the same over this rank's share of the validation split (no augmentation, no
             padding: the shares of all ranks partition the split).
         attack: the training threat model (norm, eps, step, steps).
-        objective: the base objective (its training attack and per-sample loss terms).
+        training_attack: the training attack (an :class:`~confspec_lightning.attacks.Attack`; see
+            :meth:`adversarial`).
+        objective: the base objective (its attack loss and per-sample loss terms).
         epoch: the epoch about to start (``on_train_epoch_start``) or just trained (``on_train_epoch_end``).
     """
 
@@ -49,8 +51,19 @@ class EpochContext:
     train_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]]
     validation_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]]
     attack: AttackConfig
+    training_attack: Attack
     objective: BaseObjective
     epoch: int
+
+    def adversarial(self, x: Tensor, target: Tensor, loss: AttackObjective | None = None) -> Tensor:
+        """The training attack on (x, target) with the training threat model, without per-sample budgets.
+
+        ``loss``: the attack loss (default: the objective's); the methods' passes measure the model as training
+        attacks it.
+        """
+        return self.training_attack.perturb(
+            self.model, x, target, threat=self.attack, loss=loss or self.objective.attack_loss
+        )
 
 
 class FairnessMethod(nn.Module):

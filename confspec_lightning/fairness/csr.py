@@ -257,7 +257,7 @@ class CSR(FairnessMethod):
 
     @staticmethod
     def _attacked_logits(context: EpochContext, x: Tensor, y: Tensor) -> Tensor:
-        x_adv = context.attack.perturb(context.model, x, y, "ce")
+        x_adv = context.adversarial(x, y, loss="ce")
         # no graph needed; safe under autocast: this pass has its own autocast context, so the cast-weight
         # cache it fills is dropped before the training step's forwards
         with torch.no_grad(), eval_mode(context.model):

@@ -86,7 +86,7 @@ class DAFA(FairnessMethod):
         if not frozen and self.warmup_epochs == 0:
             self.probabilities.reset()
             for x, y in context.train_batches():
-                x_adv = context.objective.attack(context.model, x, y)
+                x_adv = context.adversarial(x, y)
                 with torch.no_grad(), eval_mode(context.model):
                     self.probabilities.update(context.model(x_adv), y)
             return self._freeze()

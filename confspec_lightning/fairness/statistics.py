@@ -7,7 +7,7 @@ single process computes on the whole data.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -74,19 +74,23 @@ def classwise_accuracy(
 
 
 def classwise_objective_loss(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], objective: BaseObjective, num_classes: int
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    objective: BaseObjective,
+    num_classes: int,
+    adversarial: Callable[[Tensor, Tensor], Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Per-class sums of the base objective's per-sample loss sum_t c_t term_t, and class counts.
 
-    The adversarial examples come from the objective's training attack; everything runs in eval mode
-    without a weight update. Summed over ranks; float64 (K,) each.
+    The adversarial examples come from ``adversarial(x, y)`` (the training attack on the objective's attack loss:
+    :meth:`~confspec_lightning.fairness.base.EpochContext.adversarial`); everything runs in eval mode without a
+    weight update. Summed over ranks; float64 (K,) each.
     """
     sums = torch.zeros(2, num_classes, dtype=torch.float64, device=_model_device(model))
     for x, y in batches:
-        x_adv = objective.attack(model, x, y)
+        x_adv = adversarial(x, y)
         with torch.no_grad(), eval_mode(model):
-            output = objective(model, x, x_adv, y)
-        per_sample = sum(output.coefficients.get(role, 1.0) * term.float() for role, term in output.terms.items())
+            per_sample = objective(model, x, x_adv, y).per_sample_loss()
         sums[0] += classwise_sum(per_sample, y, num_classes)
         sums[1] += classwise_sum(torch.ones_like(y, dtype=torch.float64), y, num_classes)
     sums = sum_across_ranks(sums)

@@ -70,7 +70,7 @@ class WAT(FairnessMethod):
     def on_train_epoch_end(self, context: EpochContext) -> dict[str, Tensor]:
         """Add this epoch's per-class validation losses to C_v."""
         loss_sum, counts = classwise_objective_loss(
-            context.model, context.validation_batches(), context.objective, self.num_classes
+            context.model, context.validation_batches(), context.objective, self.num_classes, context.adversarial
         )
         losses = wat_loss_vector(loss_sum, counts)
         if not bool(torch.isfinite(losses).all()):  # once per epoch: C_v would carry NaN/inf forever

@@ -31,7 +31,7 @@ def test_dafa_records_the_last_warmup_epoch_then_reweights_budget_and_natural_ce
     dafa = DAFA(warmup_epochs=2, lam=1.0)
     dafa.bind(3)
     output, target = trades_output(batch=6, classes=3)
-    context = EpochContext(None, list, list, QUICK_ATTACK, None, epoch=0)
+    context = EpochContext(None, list, list, QUICK_ATTACK, None, None, epoch=0)
     dafa.on_train_epoch_start(context)
     dafa.on_train_batch_end(output, target)  # epoch 0: not recorded
     assert int(dafa.probabilities.class_counts.sum()) == 0
@@ -68,7 +68,7 @@ def test_dafa_clamps_negative_weights_with_a_warning():
     output = ObjectiveOutput(terms={}, coefficients={}, adv_logits=logits, adv_ce=torch.zeros(2))
     from confspec_lightning.fairness.base import EpochContext
 
-    context = EpochContext(None, list, list, QUICK_ATTACK, None, epoch=0)
+    context = EpochContext(None, list, list, QUICK_ATTACK, None, None, epoch=0)
     dafa.on_train_epoch_start(context)
     dafa.on_train_batch_end(output, target)
     with pytest.warns(UserWarning, match=r"dafa: class weights below dafa.min_weight=0.1 were clamped"):
