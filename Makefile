@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/confspec fit --config configs/digits/trades_csr.yaml
+	$(BIN)/confspec fit --config digits/trades_csr
 
 lint: $(STAMP)
 	$(BIN)/ruff check confspec_lightning tests benchmarks

@@ -1,8 +1,10 @@
 """The ``confspec`` command: a ``LightningCLI`` for ``fit | validate | test | predict``.
 
-    confspec fit --config configs/digits/trades_csr.yaml
-    confspec test --config configs/digits/trades_csr.yaml --ckpt_path best
+    confspec fit --config digits/base.yaml --config methods/trades_csr.yaml   (or: --config digits/trades_csr)
+    confspec test --config digits/trades_csr --ckpt_path best
 
+* ``--config`` takes files, shipped config files by name and recipe names (:mod:`confspec_lightning.recipes`: a
+  protocol base plus method overlays; the run is named after them);
 * model and data in subclass mode (``class_path``), so user subclasses plug in from a config;
 * ``data.num_classes``, ``data.class_names``, ``data.mean`` and ``data.std`` are linked into the model,
   so the class count and the normalisation are given once;
@@ -37,7 +39,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from confspec_lightning import __version__, environment, errors, runs
 from confspec_lightning.checkpointing import PreemptionCheckpoint, with_atomic_checkpoint_io
-from confspec_lightning.module import RobustFairLitModule
+from confspec_lightning.module import FROM_CONFIG, RobustFairLitModule
+from confspec_lightning.recipes import resolve_config_args
 
 
 class ConfspecTrainer(Trainer):
@@ -84,6 +87,14 @@ class ConfspecCLI(LightningCLI):
         #: folders this command created, removed again when it fails before writing a result
         self._created_dirs: list[Path] = _COMMAND.setdefault("created", [])
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, telling the module its components come from the config (:data:`~.module.FROM_CONFIG`)."""
+        token = FROM_CONFIG.set(True)
+        try:
+            super().instantiate_classes()
+        finally:
+            FROM_CONFIG.reset(token)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's parser; the saved ``config.yaml`` starts with the versions, commit and device of the run."""
@@ -288,8 +299,15 @@ class ConfspecArgumentParser(LightningArgumentParser):
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
-    """Parse ``args`` (default: ``sys.argv``), instantiate and, with ``run``, run the subcommand."""
-    argv = sys.argv[1:] if args is None else args
+    """Parse ``args`` (default: ``sys.argv``), instantiate and, with ``run``, run the subcommand.
+
+    ``--config`` values are resolved first (recipe names, shipped files: :func:`~.recipes.resolve_config_args`).
+    """
+    argv = resolve_config_args(sys.argv[1:] if args is None else args)
+    if args is None:
+        sys.argv[1:] = argv
+    else:
+        args = argv
     requested = argv[0] if argv and not argv[0].startswith("-") else None
     return ConfspecCLI(
         RobustFairLitModule,
@@ -312,42 +330,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConfspecCLI:
         run=run,
         only_subcommand=requested,
     )
-
-
-#: The recipes shipped with the package (``confspec fit --config digits/trades_csr``).
-RECIPES = Path(__file__).resolve().parent / "configs"
-
-
-def recipe_names() -> list[str]:
-    """Every shipped recipe, as ``--config`` takes it (``digits/trades_csr``)."""
-    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
-
-
-def resolve_recipes(argv: list[str]) -> list[str]:
-    """``--config NAME`` (or ``-c``, ``--config=NAME``): a path as given, else the shipped recipe of that name.
-
-    Raises:
-        FileNotFoundError: neither a file nor a recipe, naming the closest recipes.
-    """
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg in ("--config", "-c") and i + 1 < len(out):
-            index, value, prefix = i + 1, out[i + 1], ""
-        elif arg.startswith("--config="):
-            index, value, prefix = i, arg.split("=", 1)[1], "--config="
-        else:
-            continue
-        if Path(value).exists() or value.lstrip().startswith(("{", "[")) or ":" in value:  # a file, or inline YAML
-            continue
-        recipe = RECIPES / (value if value.endswith(".yaml") else f"{value}.yaml")
-        if not recipe.is_file():
-            names = errors.closest(value.removesuffix(".yaml"), recipe_names())
-            raise FileNotFoundError(
-                f"--config {value!r} is neither a file nor a shipped recipe{errors._did_you_mean(names)} "
-                f"(the recipes: {', '.join(recipe_names())})."
-            )
-        out[index] = prefix + str(recipe)
-    return out
 
 
 class _DropAdvertisements(logging.Filter):
@@ -424,7 +406,7 @@ def main(args: list[str] | None = None) -> None:
     debug = errors.debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
     try:
-        argv = resolve_recipes(argv)
+        argv = resolve_config_args(argv)
         if args is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
             sys.argv[1:] = argv
         _COMMAND.update(argv=argv, debug=debug, created=[])  # for the parser's error path and clean-up

@@ -90,6 +90,10 @@ def summarize_parse_error(message: str, top_level_keys: list[str] = ()) -> str:
         if not _NOISE.match(text):
             reasons.append(text)
     reason = reasons[-1] if reasons else (lines[-1] if lines else message)
+    literal = [r for r in reasons if re.match(r"Expected a typing\.Literal\[(.*)\]$", r)]
+    if literal and given is not None and "." not in given and reason.startswith("Expected a dot import path"):
+        # a union of names and a class (``objective: trades`` or a class_path): a bare word was meant as a name
+        reason = literal[-1]
     reason = re.sub(r"^error:\s*", "", reason)
     where = ""
     if keys:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,10 @@ from torchmetrics import Metric
 
 from confspec_lightning import functional as CF
 from confspec_lightning.attacks import PGD, Attack, EvalAttackConfig, TrainAttackConfig, eval_mode
-from confspec_lightning.evaluation.evaluator import Evaluator
+from confspec_lightning.attacks.noise import SampleNoise
+from confspec_lightning.data.base import SamplePositions
+from confspec_lightning.evaluation.evaluator import Evaluator, attack_progress, robust_key
+from confspec_lightning.evaluation.report import CLEAN
 from confspec_lightning.fairness import passes
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.stack import FairnessStack
@@ -55,10 +59,9 @@ from confspec_lightning.validation import (
     choices,
 )
 
-try:  # set by LightningCLI while it instantiates the module (hyperparameters come from the config)
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older/newer Lightning
-    _given_hyperparameters = None
+#: True while ``confspec`` (:class:`~confspec_lightning.cli.ConfspecCLI`) instantiates the module: its
+#: components then come from the config, and the hyperparameters keep their config (class paths and arguments)
+FROM_CONFIG: ContextVar[bool] = ContextVar("confspec_from_config", default=False)
 
 #: Names logged by ``log_global`` (Lightning's sync_dist advice is silenced for exactly these).
 _GLOBAL_NAMES: set[str] = set()
@@ -183,7 +186,7 @@ class RobustFairLitModule(pl.LightningModule):
         check_int("eval_seed", eval_seed, 0)
         check_int("start_model_check_batches", start_model_check_batches, 0)
         check_normalization(input_mean, input_std)
-        via_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
+        via_cli = FROM_CONFIG.get()
         components = ["backbone", "fairness", "optimizer", "scheduler", "test_attacks", "evaluator"]
         components += ["weight_perturbation", "training_attack", "validation_attack"]
         if not isinstance(objective, str):
@@ -249,7 +252,9 @@ class RobustFairLitModule(pl.LightningModule):
         if weight_perturbation is not None and not isinstance(weight_perturbation, AWP):
             raise TypeError(f"weight_perturbation must be an AWP; got {type(weight_perturbation).__name__}.")
         self.weight_perturbation = weight_perturbation
-        self._perturbation: dict[str, Tensor] | None = None  # the AWP perturbation now applied to the weights
+        self._unperturbed_weights: dict[str, Tensor] | None = (
+            None  # the unperturbed weights while AWP's w + v is applied
+        )
         self.fairness = FairnessStack(fairness or [], self.objective.terms, self.objective.name)
         self.fairness.bind(num_classes, self.net)
         self.optimizer_factory = optimizer
@@ -259,7 +264,8 @@ class RobustFairLitModule(pl.LightningModule):
             if not isinstance(attack, Attack):
                 raise TypeError(f"test_attacks entries must be Attack instances; got {type(attack).__name__}.")
         self.evaluator = evaluator if evaluator is not None else Evaluator()
-        self.eval_metrics = self.evaluator.bind(num_classes)
+        #: the index in its split of each evaluation sample (the attack noise is keyed by it)
+        self.positions = SamplePositions()
         for name, flag in (("channels_last", channels_last), ("compile", compile)):
             check_bool(name, flag)
         check_choice("compile_mode", compile_mode, CompileMode)
@@ -274,6 +280,7 @@ class RobustFairLitModule(pl.LightningModule):
         # diagnostics are logged at every validation (train/confusion_*), see docs/method.md
         self.train_confusion = RobustConfusionMatrix(num_classes)
         self.train_confusion.persistent(True)
+        self._diagnosed_step = -1  # the global step of the last train_confusion_diagnostics
         #: weighted means of the training step's values over the epoch (train/robust_acc, train/loss_*)
         self.epoch_means = EpochMeans()
         self.nonfinite = NonFiniteGuard()
@@ -380,14 +387,13 @@ class RobustFairLitModule(pl.LightningModule):
         awp = self.weight_perturbation
         if awp is None or not awp.active(self.current_epoch):
             return
-        self._perturbation = awp.perturbation(self.net, self.objective, x, x_adv, target)
-        awp.apply(self.net, self._perturbation)
+        self._unperturbed_weights = awp.apply(self.net, awp.perturbation(self.net, self.objective, x, x_adv, target))
 
     def restore_weights(self) -> None:
-        """Remove the AWP perturbation (w + v -> w), if one is applied."""
-        if self._perturbation is not None:
-            AWP.apply(self.net, self._perturbation, sign=-1.0)
-            self._perturbation = None
+        """Remove the AWP perturbation (w + v -> w, the saved weights), if one is applied."""
+        if self._unperturbed_weights is not None:
+            AWP.restore(self.net, self._unperturbed_weights)
+            self._unperturbed_weights = None
 
     def on_after_backward(self) -> None:
         """The gradient was taken at w + v; the optimizer steps from w (and checkpoints never see w + v)."""
@@ -451,12 +457,14 @@ class RobustFairLitModule(pl.LightningModule):
         return device.type != "cpu" and int(self.nonfinite_check_interval) > 1
 
     def train_confusion_diagnostics(self) -> dict[str, float] | None:
-        """Diagnostics of the training robust confusion since the last call (logged; None without samples).
+        """Diagnostics of the training robust confusion of the epoch so far (logged; None without samples).
 
-        A collective under DDP (every rank calls it); resets the accumulator.
+        A collective under DDP (every rank calls it). The accumulator is the one shared statistic of the training
+        predictions: the fairness methods that need it (CFA's R_c, CSR's ``streaming`` matrix with hard counts)
+        read it at the next epoch's start, after which it starts again.
         """
+        self._diagnosed_step = self.global_step
         errors, counts = self.train_confusion.synced_state()
-        self.train_confusion.reset()
         if int(counts.sum()) == 0:
             return None
         rates = CF.confusion_from_counts(errors, counts, normalize=True)
@@ -483,6 +491,7 @@ class RobustFairLitModule(pl.LightningModule):
     # ----------------------------------------------------- fairness methods
     def on_train_epoch_start(self) -> None:
         self._log_fairness(self.fairness.epoch_start(self.epoch_context(self.current_epoch)))
+        self.train_confusion.reset()  # the methods have read last epoch's; this epoch's starts
 
     def on_validation_start(self) -> None:
         trainer = self.trainer
@@ -492,7 +501,8 @@ class RobustFairLitModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # every rank, in this order: the methods' end-of-epoch hooks, the training confusion, the epoch means
         self._fairness_epoch_end()
-        self.train_confusion_diagnostics()  # an epoch without validation logs them here
+        if self._diagnosed_step != self.global_step:  # an epoch without validation logs them here
+            self.train_confusion_diagnostics()
         self.log_global({f"train/{name}": value for name, value in self.epoch_means.synced_means().items()})
 
     def _fairness_epoch_end(self) -> None:
@@ -515,6 +525,7 @@ class RobustFairLitModule(pl.LightningModule):
             attack=self.train_attack,
             training_attack=self.training_attack,
             objective=self.objective,
+            train_confusion=self.train_confusion,
             epoch=epoch,
         )
 
@@ -526,16 +537,93 @@ class RobustFairLitModule(pl.LightningModule):
             report_start_model(self, self.start_model_check_batches)
 
     # ------------------------------------------------------------ evaluation
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluator.validation_batch(self, batch, batch_idx, dataloader_idx)
+    def on_validation_epoch_start(self) -> None:
+        self.positions.reset()
 
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Every test attack on the test split (``test_attacks``); the evaluation PGD on a train subset."""
-        self.evaluator.test_batch(self, batch, batch_idx, dataloader_idx)
+    def on_test_epoch_start(self) -> None:
+        self.positions.reset()
+
+    def on_predict_epoch_start(self) -> None:
+        self.positions.reset()
+
+    def _batch_position(self, stage: str, dataloader_idx: int, batch_idx: int, size: int) -> tuple[Tensor | None, int]:
+        """The split indices of a batch's samples (None: a placeholder batch) and its number in one process's pass."""
+        loaders = {"val": self.trainer.val_dataloaders, "test": self.trainer.test_dataloaders}.get(stage)
+        if stage == "predict":
+            loaders = self.trainer.predict_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+        return self.positions.of(loader, (stage, dataloader_idx), batch_idx, size)
+
+    def validation_adversarial(self, x: Tensor, target: Tensor, indices: Tensor) -> Tensor:
+        """The validation attack's batch (``eval_attack``), each sample's random start keyed by its index."""
+        noise = SampleNoise(self.eval_seed, indices)
+        return self.validation_attack.perturb(self.net, x, target, threat=self.eval_attack, generator=noise)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        """Clean and validation-attack predictions of a batch, with each sample's index (the evaluator counts them)."""
+        x, target = batch
+        indices, _ = self._batch_position("val", dataloader_idx, batch_idx, len(target))
+        if indices is None:  # a placeholder batch: a rank without a batch of its own counts nothing
+            return None
+        x = self.format_input(x)
+        clean_logits = self.net(x)
+        self.check_logits(clean_logits)
+        adv_logits = self.net(self.validation_adversarial(x, target, indices))
+        return {
+            "index": indices,
+            "target": target,
+            CLEAN: clean_logits.argmax(1),
+            robust_key(self): adv_logits.argmax(1),
+        }
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        """Every test attack's predictions on the test split; the validation attack's on a train subset.
+
+        The train subset gives the train/test divergence. Each attack's random starts are keyed by sample index and
+        AutoAttack is seeded with ``eval_seed`` plus the batch's number in a single process's pass, so several
+        processes give one process's predictions.
+        """
+        x, target = batch
+        indices, number = self._batch_position("test", dataloader_idx, batch_idx, len(target))
+        if indices is None:
+            return None
+        x = self.format_input(x)
+        clean_logits = self.net(x)
+        self.check_logits(clean_logits)
+        out = {"index": indices, "target": target, CLEAN: clean_logits.argmax(1)}
+        if dataloader_idx > 0:  # the train subset
+            out[robust_key(self)] = self.net(self.validation_adversarial(x, target, indices)).argmax(1)
+            return out
+        noise = SampleNoise(self.eval_seed, indices)
+        for attack in self.test_attacks:
+            out[attack.key(self.eval_attack)] = attack.predictions(
+                self.net,
+                x,
+                target,
+                threat=self.eval_attack,
+                generator=noise,
+                seed=self.eval_seed + number,
+                progress=attack_progress(self.trainer, f"{attack.name}, test batch {number + 1}"),
+            )
+        return out
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Clean predictions and, where labels come with the batch, predictions under ``eval_attack``."""
-        return self.evaluator.predict_batch(self, batch, batch_idx)
+        """Clean predictions and, where labels come with the batch, the validation attack's.
+
+        A placeholder batch (a rank with no batch of its own) gives empty predictions.
+        """
+        x, target = batch if isinstance(batch, list | tuple) and len(batch) == 2 else (batch, None)
+        indices, _ = self._batch_position("predict", 0, batch_idx, len(x))
+        if indices is None:
+            empty = torch.zeros(0, dtype=torch.long, device=x.device)
+            return {"pred": empty, **({"target": empty, "adv_pred": empty} if target is not None else {})}
+        x = self.format_input(x)
+        with torch.no_grad():
+            out = {"pred": self.net(x).argmax(dim=1)}
+        if target is not None:
+            out["target"] = target
+            out["adv_pred"] = self.net(self.validation_adversarial(x, target, indices)).argmax(dim=1)
+        return out
 
     def use_evaluation_weights(self) -> None:
         """Evaluate with a method's weights (CFA's average) where one offers them; the trained ones are kept."""

@@ -7,7 +7,7 @@ processes, so one process group runs many Trainers one after another (the CLI's 
 the recipes'). ``faulthandler`` ends a rank that is still running after ``--timeout`` seconds and prints every
 thread's stack: a hang becomes a failure that shows where each rank waits.
 
-    python tests/ddp_worker.py --out DIR --timeout 300 configs/digits/trades.yaml configs/digits/cfa.yaml ...
+    python tests/ddp_worker.py --out DIR --timeout 300 digits/trades digits/cfa ...
 """
 
 from __future__ import annotations

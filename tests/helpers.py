@@ -16,9 +16,11 @@ from confspec_lightning import CSR, AttackConfig, RobustFairLitModule
 from confspec_lightning.data import DigitsDataModule
 from confspec_lightning.models import DigitsCNN
 from confspec_lightning.objectives import ObjectiveOutput
+from confspec_lightning.recipes import recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+#: every shipped recipe name (a base plus overlays) and the stand-alone audit configs
+CONFIGS = [*recipe_names(), "audit/robustbench_cifar10", "audit/checkpoint_cifar10"]
 QUICK_ATTACK = AttackConfig(eps=0.1, step=0.04, steps=3)
 
 

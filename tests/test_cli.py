@@ -11,6 +11,7 @@ import yaml
 
 from confspec_lightning import __version__
 from confspec_lightning.cli import build_cli
+from confspec_lightning.recipes import RECIPES_DIR, compose, config_files, recipe_names, recipes
 
 from helpers import CONFIGS, ROOT
 
@@ -24,21 +25,69 @@ QUICK = [
 ]
 
 
-def test_configs_are_shipped():
-    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
-    assert {"digits/trades.yaml", "digits/trades_csr.yaml", "digits/pgdat_csr.yaml"} <= names
-    methods = ["frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
-    assert {f"digits/{m}.yaml" for m in methods} <= names  # every baseline on every protocol
-    assert {f"cifar10/scratch_{m}.yaml" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "cfa", "wat"]} <= names
-    assert {
-        f"cifar10/finetune_{m}.yaml" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
-    } <= names
-    public = ["cifar10/finetune_trades_csr_from_trades_wrn.yaml", "cifar10/finetune_trades_csr_from_robustbench.yaml"]
-    assert {
-        *public,
-        "audit/robustbench_cifar10.yaml",
-        "audit/checkpoint_cifar10.yaml",
-    } <= names  # docs/public-models.md
+def test_recipes_are_shipped_as_bases_and_overlays():
+    names = set(recipe_names())
+    methods = ["trades", "trades_csr", "trades_csr_paper", "frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
+    assert {f"digits/{m}" for m in [*methods, "dafa", "pgdat_csr", "mart", "trades_awp", "trades_awp_csr"]} <= names
+    assert {f"cifar10/scratch_{m}" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "cfa", "wat", "dafa"]} <= names
+    finetune = ["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat", "dafa", "trades_awp_csr"]
+    assert {f"cifar10/finetune_{m}" for m in finetune} <= names
+    public = {"cifar10/finetune_trades_csr_from_trades_wrn", "cifar10/finetune_trades_csr_from_robustbench"}
+    assert public <= names  # docs/public-models.md
+    assert {"audit/robustbench_cifar10", "audit/checkpoint_cifar10"} <= set(config_files())
+    # every shipped file is a base, an overlay of some recipe, or a stand-alone audit config
+    used = {f.removesuffix(".yaml") for files in recipes().values() for f in files}
+    assert {f for f in config_files() if not f.startswith("audit/")} == used
+    # one base per data set and protocol: every recipe starts with one, and overlays are small
+    bases = {"digits/base", "cifar10/scratch", "cifar10/finetune", "tinyimagenet/scratch"}
+    assert {files[0].removesuffix(".yaml") for files in recipes().values()} == bases
+    for overlay in used - bases:
+        assert len((RECIPES_DIR / f"{overlay}.yaml").read_text().splitlines()) <= 30, overlay
+
+
+def test_a_recipe_name_a_pair_of_files_and_a_0_1_path_give_one_config_and_run_name(capsys):
+    printed = []
+    for config in (
+        ["--config", "digits/trades_csr"],
+        ["--config", "digits/base.yaml", "--config", "methods/trades_csr.yaml"],
+        ["--config", str(ROOT / "configs/digits/base.yaml"), "--config", str(ROOT / "configs/methods/trades_csr.yaml")],
+        ["--config", str(ROOT / "configs/digits/trades_csr.yaml")],  # a recipe that was one file in 0.1
+    ):
+        with pytest.raises(SystemExit):
+            build_cli(["fit", *config, "--print_config"])
+        printed.append(yaml.safe_load(capsys.readouterr().out))
+    assert all(p == printed[0] for p in printed)
+    assert printed[0]["trainer"]["logger"]["init_args"]["name"] == "digits_trades_csr"
+    assert printed[0]["model"]["init_args"]["fairness"][0]["class_path"] == "confspec_lightning.fairness.CSR"
+    # the library's own merge (the fairness runner's, the tests') gives what jsonargparse gives
+    composed = compose("digits/trades_csr")["model"]["init_args"]["fairness"][0]["init_args"]
+    assert composed.items() <= printed[0]["model"]["init_args"]["fairness"][0]["init_args"].items()
+    # a protocol's own method overlay keeps the method's other settings; the command line names the run
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", "digits/cfa", "--trainer.logger.init_args.name=mine", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["logger"]["init_args"]["name"] == "mine"
+    assert config["model"]["init_args"]["fairness"][0]["init_args"]["warmup_epochs"] == 3
+    # a user's own overlay (a file outside the package) does not rename the run
+    with pytest.raises(SystemExit):
+        build_cli(
+            ["fit", "--config", "digits/cfa", "--config", str(ROOT / "tests/quick_attacks.yaml"), "--print_config"]
+        )
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]["init_args"]["name"] == "digits_cfa"
+
+
+def test_an_unknown_config_names_the_closest_recipes():
+    from confspec_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "digits/trade_csr"])
+    assert exit_info.value.code == 2
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'digits/trade_csr' is neither a file nor a shipped recipe; did you "
+        r"mean 'digits/trades_csr'",
+    ):
+        build_cli(["fit", "--config", "digits/trade_csr"])
 
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -99,17 +148,15 @@ def config_overrides(name: str, tmp, monkeypatch=None) -> list[str]:
     raise AssertionError(f"no test overrides for the shipped config {name}")
 
 
-def _config_param(config):
-    """A shipped config as a test parameter: the CIFAR-10 and Tiny-ImageNet ones (real data, ResNets) are slow."""
-    name = config.relative_to(ROOT / "configs").as_posix()
-    return pytest.param(config, id=name, marks=() if name.startswith("digits/") else pytest.mark.slow)
+def _config_param(name):
+    """A shipped recipe as a test parameter: the CIFAR-10 and Tiny-ImageNet ones (real data, ResNets) are slow."""
+    return pytest.param(name, id=name, marks=() if name.startswith("digits/") else pytest.mark.slow)
 
 
 @pytest.mark.parametrize("config", [_config_param(c) for c in CONFIGS])
 def test_every_config_fast_dev_run(config, chdir_tmp, monkeypatch):
-    name = config.relative_to(ROOT / "configs").as_posix()
-    overrides = config_overrides(name, chdir_tmp, monkeypatch)
-    cli = build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *QUICK, *overrides])
+    overrides = config_overrides(config, chdir_tmp, monkeypatch)
+    cli = build_cli(["fit", "--config", config, "--trainer.fast_dev_run=1", *QUICK, *overrides])
     module, dm = cli.model, cli.datamodule
     assert module.num_classes == dm.num_classes  # linked, given once
     assert module.class_names == dm.class_names
@@ -125,7 +172,7 @@ def test_version_and_print_config(capsys):
     assert exc.value.code == 0
     assert __version__ in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", str(ROOT / "configs/digits/trades_csr.yaml"), "--print_config"])
+        build_cli(["fit", "--config", "digits/trades_csr", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["fairness"][0]["init_args"]["confusion_source"] == "epoch_pass"
 
@@ -134,7 +181,7 @@ def test_an_integer_batch_limit_is_a_number_of_batches(chdir_tmp):
     """``--trainer.limit_val_batches=1`` is one batch (Lightning's float-first type read it as 1.0: all of them)."""
     (chdir_tmp / "limits.yaml").write_text("trainer:\n  limit_test_batches: 2\n  val_check_interval: 1.0\n")
     limits = ["--trainer.limit_val_batches=1", "--trainer.limit_train_batches=0.5", "--config", "limits.yaml"]
-    cli = build_cli(["--config", str(ROOT / "configs/digits/trades.yaml"), *limits], run=False)
+    cli = build_cli(["--config", "digits/trades", *limits], run=False)
     trainer = cli.trainer
     assert (trainer.limit_val_batches, trainer.limit_test_batches) == (1, 2)
     assert isinstance(trainer.limit_val_batches, int) and isinstance(trainer.limit_test_batches, int)
@@ -144,7 +191,7 @@ def test_an_integer_batch_limit_is_a_number_of_batches(chdir_tmp):
 
 
 def test_fit_then_test_with_ckpt_path_best(chdir_tmp, capsys):
-    cfg = str(ROOT / "configs/digits/trades_csr.yaml")
+    cfg = "digits/trades_csr"
     short = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", *QUICK]
     build_cli(["fit", "--config", cfg, *short])
     run_dir = chdir_tmp / "runs/digits_trades_csr/version_0"
@@ -180,11 +227,11 @@ def test_fit_then_test_with_ckpt_path_best(chdir_tmp, capsys):
 
 def test_ckpt_path_best_without_a_previous_run_is_a_clear_error(chdir_tmp):
     with pytest.raises(FileNotFoundError, match="no earlier run with checkpoints"):
-        build_cli(["test", "--config", str(ROOT / "configs/digits/trades.yaml"), "--ckpt_path", "best", *QUICK])
+        build_cli(["test", "--config", "digits/trades", "--ckpt_path", "best", *QUICK])
 
 
 def _edited_config(tmp, edit) -> str:
-    config = yaml.safe_load((ROOT / "configs/digits/trades_csr.yaml").read_text())
+    config = compose("digits/trades_csr")
     edit(config["model"]["init_args"])
     path = tmp / "edited.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -198,7 +245,7 @@ def _set_csr(key, value):
 @pytest.mark.parametrize(
     "edit,needles",
     [
-        (lambda m: m.__setitem__("objective", "mart"), ["mart", "'trades', 'pgd_at'"]),
+        (lambda m: m.__setitem__("objective", "mat"), ["mat", "'trades', 'pgd_at', 'mart'"]),
         (lambda m: m["train_attack"].__setitem__("eps", -0.1), ["attack.eps=-0.1 is not accepted", "> 0"]),
         (lambda m: m["eval_attack"].__setitem__("steps", 0), ["attack.steps=0 is not accepted", ">= 1"]),
         (lambda m: m["train_attack"].__setitem__("norm", "l1"), ["l1", "linf", "l2"]),
@@ -218,7 +265,7 @@ def test_bad_config_values_fail_before_training(edit, needles, chdir_tmp, capsys
 
 
 def test_predict_returns_clean_and_adversarial_predictions(chdir_tmp):
-    cfg = str(ROOT / "configs/digits/pgdat_csr.yaml")
+    cfg = "digits/pgdat_csr"
     cli = build_cli(["--config", cfg, "--trainer.fast_dev_run=1", *QUICK], run=False)
     predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     first = predictions[0]

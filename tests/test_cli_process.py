@@ -72,8 +72,8 @@ def test_the_wheel_ships_the_recipes_and_the_license(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("confspec_lightning-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "confspec_lightning/configs/digits/trades_csr.yaml" in names
-    assert "confspec_lightning/configs/cifar10/finetune_trades_csr_paper.yaml" in names
+    for shipped in ("recipes.yaml", "digits/base.yaml", "cifar10/finetune.yaml", "methods/trades_csr.yaml"):
+        assert f"confspec_lightning/configs/{shipped}" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in metadata

@@ -88,7 +88,7 @@ def test_sbatch_builds_the_ddp_command_and_resumes(tmp_path):
     proc, args = run_sbatch(tmp_path, 2, 4, "--trainer.max_epochs", "3")
     assert proc.returncode == 0, proc.stderr
     assert args[1:3] == [".venv/bin/confspec", "fit"]
-    assert option(args, "--config") == "configs/cifar10/scratch_trades_csr.yaml"
+    assert option(args, "--config") == "cifar10/scratch_trades_csr"
     assert option(args, "--trainer.devices") == "4" and option(args, "--trainer.num_nodes") == "2"
     assert option(args, "--trainer.strategy") == "ddp" and option(args, "--trainer.accelerator") == "gpu"
     assert option(args, "--data.init_args.batch_size") == "16"  # global 128 / (2 x 4)
@@ -158,7 +158,7 @@ def test_torchrun_script_trains_two_cpu_processes(tmp_path):
         TORCHRUN=str(torchrun),
         ACCELERATOR="cpu",
         NPROC_PER_NODE="2",
-        CONFIG=str(ROOT / "configs/digits/trades_csr.yaml"),
+        CONFIG="digits/trades_csr",
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]),
         PROBE_DIR=str(tmp_path),

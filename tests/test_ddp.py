@@ -11,7 +11,7 @@ import torch
 
 from confspec_lightning.evaluation.report import CLEAN, EvaluationReport
 
-from helpers import ROOT, run_confspec, run_confspec_in_process
+from helpers import run_confspec, run_confspec_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -22,7 +22,7 @@ def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) 
     args = [
         "fit",
         "--config",
-        str(ROOT / "configs/digits/pgdat_csr.yaml"),
+        "digits/pgdat_csr",
         "--trainer.accelerator=cpu",
         f"--trainer.devices={processes}",
         f"--trainer.strategy={'ddp' if processes > 1 else 'auto'}",
@@ -76,13 +76,15 @@ def validation_arrays(path) -> dict:
     }
 
 
-def assert_csr_equal(single_state: dict, ddp_state: dict, index: int, counts: int) -> None:
+def assert_csr_equal(single_state: dict, ddp_state: dict, index: int, counts: int, shared: bool = False) -> None:
     """CSR number ``index`` of the stack: the accumulated confusion matrix summed over ranks is the single
-    process's, exactly; so is its spectral direction G, up to float rounding."""
+    process's, exactly; so is its spectral direction G, up to float rounding. ``shared``: the streaming matrix of
+    hard counts is the module's training confusion (accumulated once for every method)."""
     prefix = f"fairness.{index}."
-    for key in ("confusion.errors", "confusion.class_counts"):
-        torch.testing.assert_close(ddp_state[prefix + key], single_state[prefix + key], rtol=0, atol=0)
-    assert single_state[prefix + "confusion.class_counts"].sum() == counts
+    confusion = "train_confusion." if shared else prefix + "confusion."
+    for key in ("errors", "class_counts"):
+        torch.testing.assert_close(ddp_state[confusion + key], single_state[confusion + key], rtol=0, atol=0)
+    assert single_state[confusion + "class_counts"].sum() == counts
     g_single, g_ddp = single_state[prefix + "direction"], ddp_state[prefix + "direction"]
     assert not torch.equal(g_single, torch.ones_like(g_single))
     torch.testing.assert_close(g_ddp, g_single, rtol=1e-5, atol=1e-6)
@@ -144,7 +146,7 @@ def test_ddp_baseline_state_equals_one_process(tmp_path, stack):
         assert value.abs().sum() > 0 and not torch.equal(value, torch.ones_like(value)), key
     assert_reports_equal(single_report, ddp_report)
     if stack == "dafa_csr":  # CSR streaming (the last epoch's training batches) after DAFA's warm-up epoch
-        assert_csr_equal(single_state, ddp_state, 1, counts=4 * 32)
+        assert_csr_equal(single_state, ddp_state, 1, counts=4 * 32, shared=True)
 
 
 # jsonargparse merges the init_args of a list entry with the same class_path in the base config
@@ -193,7 +195,7 @@ def eval_args(save_dir, processes: int) -> list[str]:
     the evaluation PGD with its random start, and AutoAttack (APGD-CE, 2 iterations) seeded per batch."""
     return [
         "--config",
-        str(ROOT / "configs/digits/trades_csr.yaml"),
+        "digits/trades_csr",
         "--trainer.accelerator=cpu",
         f"--trainer.devices={processes}",
         f"--trainer.strategy={'ddp' if processes > 1 else 'auto'}",
@@ -245,16 +247,21 @@ def test_ddp_test_and_predict_equal_one_process_exactly(tmp_path):
     assert reports[3][:2] == reports[1][:2]
 
 
+#: AWP on (its ascent gradient is averaged over the ranks: every rank perturbs the same weights the same way)
+AWP_ON = "--model.init_args.weight_perturbation={gamma: 0.01}"
+
+
 def test_ddp_fit_validation_and_best_checkpoint_equal_one_process(tmp_path):
     """2 and 3 processes train the single process's model (no shuffle, deterministic training attack, a global batch
-    of 48 split evenly); validation, with its random starts, gives the same per-class history and best checkpoint."""
+    of 48 split evenly, AWP on); validation, with its random starts, gives the same per-class history and best
+    checkpoint."""
     histories = {}
     for processes in (1, 2, 3):
         out = tmp_path / f"fit{processes}"
         args = [*eval_args(out, processes), "--trainer.max_epochs=2", "--trainer.limit_train_batches=3"]
         args += [f"--data.init_args.batch_size={48 // processes}", "--data.init_args.shuffle=false"]
         args += ["--model.init_args.train_attack.steps=2", "--model.init_args.train_attack.random_start=false"]
-        args += ["--trainer.enable_progress_bar=false"]
+        args += ["--trainer.enable_progress_bar=false", AWP_ON]
         run(processes, "fit", *args, cwd=out)
         run_dir = next(out.glob("*/version_0"))
         report = json.loads((run_dir / "classwise_val.json").read_text())
@@ -296,7 +303,7 @@ def test_ddp_start_model_check_equals_one_process(tmp_path):
         args = [
             "fit",
             "--config",
-            str(ROOT / "configs/digits/trades.yaml"),
+            "digits/trades",
             "--trainer.accelerator=cpu",
             f"--trainer.devices={processes}",
             f"--trainer.strategy={'ddp' if processes > 1 else 'auto'}",

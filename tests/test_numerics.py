@@ -16,12 +16,13 @@ from torch import nn
 
 from confspec_lightning import functional as CF
 from confspec_lightning.attacks import PGD
+from confspec_lightning.classwise import ClasswiseResult
 from confspec_lightning.data import DigitsDataModule
-from confspec_lightning.evaluation.classwise import ClasswiseResult
 from confspec_lightning.fairness import CFA, CSR, FAAL, FRL, WAT, EpochContext
 from confspec_lightning.fairness.faal import faal_class_weights, kl_from_uniform, probability_margins
 from confspec_lightning.fairness.frl import self_normalized
 from confspec_lightning.fairness.wat import wat_weights
+from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.module import RobustFairLitModule
 from confspec_lightning.objectives import ObjectiveOutput, build_objective, combine_terms, cross_entropy
 
@@ -34,9 +35,12 @@ def finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def context(model: nn.Module | None = None, batches=(), objective=None, epoch: int = 0) -> EpochContext:
+def context(
+    model: nn.Module | None = None, batches=(), objective=None, epoch: int = 0, train_confusion=None
+) -> EpochContext:
     """An EpochContext over fixed batches (no Trainer)."""
     return EpochContext(
+        train_confusion=train_confusion if train_confusion is not None else RobustConfusionMatrix(K),
         model=model or nn.Linear(3, K),
         train_batches=lambda: iter(batches),
         validation_batches=lambda: iter(batches),
@@ -235,12 +239,13 @@ def test_cfa_empty_class():
     model = nn.Linear(3, K)
     cfa = CFA(warmup_epochs=0, weight_average=False)
     cfa.bind(K, model)
-    cfa.on_train_epoch_start(context(model))  # no statistics at all yet
+    confusion = RobustConfusionMatrix(K)  # the module's shared training confusion
+    cfa.on_train_epoch_start(context(model, train_confusion=confusion))  # no statistics at all yet
     assert torch.equal(cfa.train_robust_acc, torch.ones(K, dtype=torch.float64))
     target = torch.tensor([0, 0, 1, 1])  # classes 2, 3 empty
     logits = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 3.0, 0, 0], [0, 3.0, 0, 0]])
-    cfa.on_train_batch_end(output_for(logits, target), target)
-    logs = cfa.on_train_epoch_start(context(model, epoch=1))
+    confusion.update(logits, target)
+    logs = cfa.on_train_epoch_start(context(model, epoch=1, train_confusion=confusion))
     assert cfa.train_robust_acc.tolist() == [0.5, 1.0, 1.0, 1.0]  # empty classes: 1, not NaN
     assert all(finite(v) for v in logs.values())
     eps, step = cfa.attack_budget(torch.arange(K), QUICK_ATTACK)

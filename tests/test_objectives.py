@@ -1,4 +1,4 @@
-"""The base objectives (TRADES, PGD-AT): their terms stay float32 and finite under low precision."""
+"""The base objectives (TRADES, PGD-AT, MART): hand-computed terms, float32 and finite under low precision."""
 
 from __future__ import annotations
 
@@ -49,3 +49,32 @@ def test_trades_objective_under_autocast_with_huge_logits(dtype):
     assert finite(loss) and all(finite(p) for p in parts.values())
     loss.backward()
     assert all(finite(p.grad) for p in model.parameters())
+
+
+def test_mart_terms_hand_computed():
+    """MART on fixed logits (the model is the identity): BCE and the misclassification-weighted KL, by hand."""
+    from confspec_lightning.objectives import MART
+
+    clean = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    target = torch.tensor([0, 1])
+    output = MART(beta=5.0)(nn.Identity(), clean, adv, target)
+    e = torch.e
+    # sample 0: p_adv = (e, e, 1)/(2e + 1), CE = -log p_0; top wrong class 1
+    p0 = torch.tensor([e, e, 1.0]) / (2 * e + 1)
+    bce0 = -torch.log(p0[0]) - torch.log(1.0001 - p0[1])
+    q0 = torch.tensor([e * e, 1.0, 1.0]) / (e * e + 2)  # p(x) of sample 0
+    kl0 = (q0 * (q0.log() - p0.log())).sum() * (1 - q0[0])
+    # sample 1: p_adv = (1, 1, e^2)/(e^2 + 2); top wrong class 2
+    p1 = torch.tensor([1.0, 1.0, e * e]) / (e * e + 2)
+    bce1 = -torch.log(p1[1]) - torch.log(1.0001 - p1[2])
+    q1 = torch.tensor([1.0, e, 1.0]) / (e + 2)
+    kl1 = (q1 * (q1.log() - p1.log())).sum() * (1 - q1[1])
+    torch.testing.assert_close(output.terms["ce"], torch.stack([bce0, bce1]))
+    torch.testing.assert_close(output.terms["kl"], torch.stack([kl0, kl1]))
+    assert output.coefficients == {"ce": 1.0, "kl": 5.0}
+    torch.testing.assert_close(output.adv_ce, torch.stack([-p0[0].log(), -p1[1].log()]))
+    loss, _ = combine_terms(output, [])
+    torch.testing.assert_close(loss, (torch.stack([bce0, bce1]) + 5.0 * torch.stack([kl0, kl1])).mean())
+    assert build_objective("mart", beta=5.0).beta == 5.0
+    assert build_objective("mart").attack_loss == "mart_ce"

@@ -659,8 +659,7 @@ def test_malicious_checkpoint_is_refused_by_the_cli_ckpt_path(tmp_path, monkeypa
 
     path, marker = malicious_checkpoint(tmp_path)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    config = pathlib.Path(__file__).resolve().parents[1] / "configs/digits/trades.yaml"
-    args = ["fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+    args = ["fit", "--config", "digits/trades", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
     with pytest.raises(ValueError, match=r"--ckpt_path=.* holds pickled Python objects") as error:
         main([*args, "--trainer.logger=false", f"--ckpt_path={path}", "--debug"])
     assert isinstance(error.value.__cause__, pickle.UnpicklingError)

@@ -9,7 +9,7 @@ with fixed adversarial examples (the config's evaluation PGD, seeded):
     C_T gradient, the plain CE gradient and random directions of the same norm: the change of the discrete
     ||C||_2 and worst-class error on the probe set, with the adversarial examples kept fixed and re-attacked.
 
-    python benchmarks/csr_mechanism/run.py --name digits --config configs/digits/trades.yaml --checkpoint CKPT
+    python benchmarks/csr_mechanism/run.py --name digits --config digits/trades --checkpoint CKPT
     python benchmarks/csr_mechanism/run.py --report-only
 
 Writes ``results.json`` (every model checked), ``RESULTS.md`` and ``<name>_alignment.png`` next to this file.

@@ -1,10 +1,10 @@
 """Digits protocol: TRADES vs TRADES+CSR vs PGD-AT(+CSR), several seeds, per-class PGD-20 on the test split.
 
-Every run is the shipped config under ``configs/digits/`` trained with ``confspec fit`` (30 epochs,
-DigitsCNN, l_inf eps 0.2) and evaluated with ``confspec test`` on the held-out test split (360 images,
-35-37 per class) with PGD-20, for the final model (``last``) and the checkpoint with the best worst-class
-robust accuracy on validation (``best``). Seeds change the model initialisation, attack noise and data
-order; the data split stays fixed (seed 0), so every run is tested on the same images.
+Every run is a shipped digits recipe (``digits/<method>``: ``digits/base.yaml`` + the method's overlay) trained
+with ``confspec fit`` (30 epochs, DigitsCNN, l_inf eps 0.2) and evaluated with ``confspec test`` on the
+held-out test split (360 images, 35-37 per class) with PGD-20, for the final model (``last``) and the checkpoint
+with the best worst-class robust accuracy on validation (``best``). Seeds change the model initialisation, attack
+noise and data order; the data split stays fixed (seed 0), so every run is tested on the same images.
 
     python benchmarks/digits/run.py                  # all methods, seeds 0 1 2
     python benchmarks/digits/run.py --seeds 0 --methods trades trades_csr
@@ -28,7 +28,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CONFIGS = ROOT / "configs" / "digits"
 STREAMING = HERE / "streaming.yaml"
 
 # name -> (config, extra arguments)
@@ -73,7 +72,7 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
     config, extra = METHODS[method]
     common = [
         "--config",
-        str(CONFIGS / config),
+        f"digits/{config.removesuffix('.yaml')}",  # a recipe name (configs/recipes.yaml)
         *extra,
         f"--seed_everything={seed}",
         f"--trainer.logger.init_args.save_dir={out}",

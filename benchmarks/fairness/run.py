@@ -1,6 +1,7 @@
 """Fairness methods side by side: one protocol, a list of methods x seeds, one table and one figure.
 
-Every run is a shipped config (``configs/<data set>/<method>.yaml``) plus the protocol's overlay, trained
+Every run is a shipped recipe (``<data set>/<method>``: the protocol's base config plus the method's overlay,
+``configs/recipes.yaml``) plus the protocol's own overlay, trained
 with ``confspec fit`` and evaluated with ``confspec test`` (final weights, ``last.ckpt``; CFA evaluates
 its averaged weights) on the protocol's test images: clean, PGD-20, CW-20 and AutoAttack, per class.
 Seeds change the initialisation, the attack noise and the data order; the data split stays fixed, so
@@ -54,6 +55,9 @@ LABELS = {
     "csr_paper_kl_streaming": "CSR paper form (kl, streaming)",
     "csr_paper_soft_batch": "CSR paper form (soft, batch)",
     "trades_csr_paper": "TRADES + CSR (paper form)",
+    "trades_awp": "TRADES-AWP",
+    "trades_awp_csr": "TRADES-AWP + CSR",
+    "mart": "MART",
     "dafa": "DAFA",
     "frl_rw": "FRL (RW)",
     "frl_rwrm": "FRL (RWRM)",
@@ -70,7 +74,7 @@ class Protocol:
     """How every method of a protocol is trained and evaluated."""
 
     description: str
-    configs: str  # configs/<configs>/<method>.yaml (prefix included)
+    configs: str  # the recipe of a method is <configs><method> (configs/recipes.yaml; prefix included)
     methods: list[str]
     seeds: list[int]
     overlays: list[str] = field(default_factory=list)  # extra --config files, relative to HERE
@@ -135,9 +139,10 @@ PROTOCOLS: dict[str, Protocol] = {
         description=(
             "scikit-learn 8x8 digits (1797 images; 1167 train / 270 validation / 360 test, stratified, split "
             "seed 0), DigitsCNN width 32, 30 epochs, SGD 0.05 (Nesterov, cosine), batch 64; l_inf eps 0.2, "
-            "training attack 10 steps of 0.05; TRADES beta 6 (FRL: 1.5). The shipped `configs/digits/*.yaml`, "
-            "unchanged except the AutoAttack version (overlay `digits.yaml`: APGD-CE + APGD-T, the two "
-            "strongest parts of the standard ensemble; the full ensemble takes ~2 min per model on a CPU core)."
+            "training attack 10 steps of 0.05; TRADES beta 6 (FRL: 1.5). The shipped digits recipes "
+            "(`digits/base.yaml` + the method's overlay), unchanged except the AutoAttack version (overlay "
+            "`digits.yaml`: APGD-CE + APGD-T, the two strongest parts of the standard ensemble; the full "
+            "ensemble takes ~2 min per model on a CPU core)."
         ),
         configs="digits/",
         methods=["trades", "trades_csr", "frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "cfa_no_fawa", "wat"],
@@ -156,8 +161,8 @@ PROTOCOLS: dict[str, Protocol] = {
             "form (alpha sigma_max(L) of a surrogate confusion matrix, differentiated through) with the kl "
             "surrogate from the batch's own matrix, an EMA (decay 0.9) or last epoch's stream, and with the soft "
             f"surrogate (batch); then alpha in {{0.1, 0.3, 0.6, 1.0}} x gamma in {{0, 0.1}} of `{GRID_FORM}`. Every "
-            "variant is `configs/digits/trades_csr.yaml` with its `fairness:` list replaced (alpha 0.3, gamma 0 "
-            "unless named); TRADES is `configs/digits/trades.yaml`."
+            "variant is the recipe `digits/trades_csr` with its `fairness:` list replaced (alpha 0.3, gamma 0 "
+            "unless named); TRADES is `digits/trades`."
         ),
         configs="digits/",
         methods=["trades", *CSR_FORMS, *CSR_GRID],
@@ -166,6 +171,17 @@ PROTOCOLS: dict[str, Protocol] = {
         fairness={name: csr_fairness(**args) for name, args in {**CSR_FORMS, **CSR_GRID}.items()},
         variants={name: "trades_csr" for name in {**CSR_FORMS, **CSR_GRID}},
     ),
+    "digits_awp": Protocol(
+        description=(
+            "The digits protocol (same data, model, schedule, threat model and AutoAttack APGD-CE + APGD-T) for "
+            "the CSR paper's second base, TRADES-AWP (adversarial weight perturbation, gamma 0.005, no warm-up): "
+            "the recipes `digits/trades_awp` and `digits/trades_awp_csr` (CSR code form, alpha 0.3, epoch pass)."
+        ),
+        configs="digits/",
+        methods=["trades_awp", "trades_awp_csr"],
+        seeds=[0, 1, 2],
+        overlays=["digits.yaml"],
+    ),
     "cifar10_cpu": Protocol(
         description=(
             "CIFAR-10, reduced to run on 2 CPU cores: the JPEG-q75 archive (`../shared/data/cifar10_q75`), "
@@ -173,7 +189,8 @@ PROTOCOLS: dict[str, Protocol] = {
             "(300); a small CNN (DigitsCNN, 3 input channels, width 32); 6 epochs, SGD 0.1 divided by 10 "
             "at epochs 4 and 5, batch 128; l_inf eps 8/255, training attack 3 steps of 3/255; TRADES beta 6 "
             "(FRL: 1.5); CFA's calibration from epoch 2 (of 6; 10 of 100 in the full config). The shipped "
-            "`configs/cifar10/scratch_*.yaml` with the overlay `cifar10_cpu.yaml`. AutoAttack: APGD-CE only."
+            "recipes `cifar10/scratch_*` (`cifar10/scratch.yaml` + the method's overlay) with the overlay "
+            "`cifar10_cpu.yaml`. AutoAttack: APGD-CE only."
         ),
         configs="cifar10/scratch_",
         methods=["trades", "trades_csr", "frl_rwrm", "faal", "cfa", "wat"],
@@ -187,7 +204,7 @@ PROTOCOLS: dict[str, Protocol] = {
         description=(
             "The CSR paper's main protocol (fine-tuning a TRADES model for 2 epochs), reduced to 2 CPU cores: "
             "every method starts from the final TRADES model of the `cifar10_cpu` protocol (seed 0; trained "
-            "first if missing) and is fine-tuned with the shipped `configs/cifar10/finetune_*.yaml` (2 epochs; "
+            "first if missing) and is fine-tuned with the shipped recipes `cifar10/finetune_*` (2 epochs; "
             "lr 0.001, FAAL 0.01 then 0.001) on the same data, small CNN and 3-step training attack as "
             "`cifar10_cpu` (overlay `cifar10_cpu_finetune.yaml`). AutoAttack: APGD-CE only."
         ),
@@ -216,7 +233,7 @@ PROTOCOLS: dict[str, Protocol] = {
         description=(
             "The CSR paper's main protocol (Table 1: fine-tune a TRADES model for 2 epochs) on 2 CPU cores: every "
             "method starts from the committed `cifar10_pretrain` model (`benchmarks/cifar10_pretrain/`) and is "
-            "fine-tuned with the shipped `configs/cifar10/finetune_*.yaml` (2 epochs on the full training set of "
+            "fine-tuned with the shipped recipes `cifar10/finetune_*` (2 epochs on the full training set of "
             "47000 images; SGD lr 0.001, momentum 0.9, wd 5e-4, batch 128; FAAL lr 0.01 then 0.001; TRADES-10, "
             "l_inf 8/255) with the pretraining's backbone and data (overlay `cifar10_finetune.yaml`): the 300 "
             "held-out images per class are every method's validation split (FRL, WAT, CFA use it). Test: the same "
@@ -354,10 +371,20 @@ def confspec(args: list[str], log: Path, budget: Budget) -> float:
     return time.perf_counter() - start
 
 
+def recipe_configs(name: str) -> list[Path]:
+    """The shipped config files recipe ``name`` combines (``configs/recipes.yaml``), base first."""
+    import yaml
+
+    table = yaml.safe_load((ROOT / "configs" / "recipes.yaml").read_text())
+    if name not in table:
+        raise SystemExit(f"no shipped recipe {name!r} (configs/recipes.yaml)")
+    return [ROOT / "configs" / file for file in table[name]]
+
+
 def common_args(protocol: str, method: str, seed: int, run_dir: Path) -> list[str]:
     spec = PROTOCOLS[protocol]
     config = spec.variants.get(method, method)
-    args = ["--config", str(ROOT / "configs" / f"{spec.configs}{config}.yaml")]
+    args = [arg for path in recipe_configs(f"{spec.configs}{config}") for arg in ("--config", str(path))]
     for overlay in spec.overlays:
         args += ["--config", str(HERE / overlay)]
     if method in spec.fairness:

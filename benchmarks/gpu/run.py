@@ -34,6 +34,8 @@ ROOT = HERE.parents[1]
 
 #: The fine-tuning runs compared from the pretrained model: TRADES continued (the control) and TRADES + CSR.
 FINETUNE_METHODS = ("finetune_trades", "finetune_trades_csr")
+#: also accepted by --finetune-methods: the paper's second base (TRADES-AWP, fine-tuned at lr 0.01) with and without CSR
+MORE_FINETUNE_METHODS = ("finetune_trades_awp", "finetune_trades_awp_csr")
 
 
 class Deadline:
@@ -110,7 +112,7 @@ def finetune_commands(args: argparse.Namespace, out: Path) -> list[tuple[str, li
         ]
     pretrain = [
         "--config",
-        str(ROOT / "configs/cifar10/scratch_trades.yaml"),
+        "cifar10/scratch_trades",
         *common,
         f"--trainer.max_epochs={args.pretrain_epochs}",
         "--model.init_args.scheduler=null",
@@ -125,7 +127,7 @@ def finetune_commands(args: argparse.Namespace, out: Path) -> list[tuple[str, li
     for method in args.finetune_methods:
         finetune = [
             "--config",
-            str(ROOT / f"configs/cifar10/{method}.yaml"),
+            f"cifar10/{method}",  # a recipe name (configs/recipes.yaml)
             "--model.init_args.backbone.class_path=confspec_lightning.models.PreActResNet18",
             "--model.init_args.backbone.init_args={num_classes: 10}",
             *common,
@@ -184,8 +186,8 @@ def main() -> None:
         "--finetune-methods",
         nargs="+",
         default=list(FINETUNE_METHODS),
-        choices=FINETUNE_METHODS,
-        help="the fine-tuning configs (configs/cifar10/<name>.yaml) compared from the pretrained model",
+        choices=FINETUNE_METHODS + MORE_FINETUNE_METHODS,
+        help="the fine-tuning recipes (cifar10/<name>) compared from the pretrained model",
     )
     parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=200)

@@ -163,6 +163,42 @@ class EvaluationSampler(DistributedSampler):
         return torch.as_tensor(list(self._range(0 if global_batch is None else global_batch)), dtype=torch.long)
 
 
+def evaluation_sampler(loader: Any) -> EvaluationSampler | None:
+    """The :class:`EvaluationSampler` of a loader, or None.
+
+    Also found under Lightning's predict wrapper of the loader's batch sampler.
+    """
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, EvaluationSampler):
+            return sampler
+    return None
+
+
+class SamplePositions:
+    """The index in its split of every sample of an evaluation batch, and the batch's number in one process's pass.
+
+    Exact for a loader over an :class:`EvaluationSampler` (this library's data modules): a single process's indices
+    and batch numbers on any number of processes. Another loader is taken as sequential: its samples are numbered in
+    the order this process sees them (per loader; :meth:`reset` at every evaluation epoch's start).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Any, int] = {}
+
+    def reset(self) -> None:
+        self._seen = {}
+
+    def of(self, loader: Any, key: Any, batch_idx: int, size: int) -> tuple[Tensor | None, int]:
+        """(indices (B,) int64, or None for a placeholder batch to skip; the batch's number)."""
+        sampler = evaluation_sampler(loader)
+        if sampler is not None:
+            number = sampler.global_batch(batch_idx)
+            return (None if number is None else sampler.batch_indices(batch_idx)), number or 0
+        start = self._seen.get(key, 0)
+        self._seen[key] = start + size
+        return torch.arange(start, start + size), batch_idx
+
+
 def process_layout() -> tuple[int, int]:
     """(world size, rank) of the initialised process group, (1, 0) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -8,7 +8,7 @@
 * :func:`compare_reports` - one Markdown table comparing several reports (``confspec-compare``).
 """
 
-from confspec_lightning.evaluation.classwise import ClasswiseResult, summarize
+from confspec_lightning.classwise import ClasswiseResult, summarize
 from confspec_lightning.evaluation.compare import compare_reports
 from confspec_lightning.evaluation.evaluator import Evaluator
 from confspec_lightning.evaluation.report import Divergence, EvaluationReport, format_mean_std

@@ -16,45 +16,47 @@ whose own gradient is zero almost everywhere. ``soft`` is C_T at T = 1.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
 from confspec_lightning.losses import cross_entropy
+from confspec_lightning.objectives.base import ObjectiveOutput
 
 #: The penalties compared, in table order; "CE" is the plain adversarial cross entropy (a reference).
 PENALTIES: tuple[str, ...] = ("counts-weighted CE", "kl", "soft", "CE")
 
 
-def sigma_max_of(contributions: Tensor, target: Tensor, counts: Tensor) -> Tensor:
-    """sigma_max(L), L = :func:`~confspec_lightning.functional.surrogate_confusion` (per class), differentiable."""
-    matrix = CF.surrogate_confusion(contributions.detach().double(), target, counts)
-    u, v, _ = CF.top_singular_pair(matrix)
-    return CF.spectral_penalty(torch.outer(u, v), contributions, target, counts)
+def csr_term(logits: Tensor, target: Tensor, gamma: float = 0.0, **options: Any) -> Tensor:
+    """CSR's own term (:class:`~confspec_lightning.fairness.CSR`, alpha 1) on a batch of adversarial logits.
+
+    The batch's own matrix gives the direction (``confusion_source: batch``), by a float64 SVD (``direction_solver:
+    svd``) so the value is exactly the penalty's: the check measures the library's CSR, not a copy of it.
+    """
+    from confspec_lightning.fairness.csr import CSR
+
+    csr = CSR(alpha=1.0, gamma=gamma, confusion_source="batch", direction_solver="svd", **options)
+    csr.bind(logits.shape[1])
+    csr.to(logits.device)
+    ce = cross_entropy(logits, target)
+    output = ObjectiveOutput(terms={"ce": ce}, coefficients={"ce": 1.0}, adv_logits=logits, adv_ce=ce)
+    return csr.loss_adjustment(output, target).extra_terms["csr"]
 
 
 def smoothed_sigma_max(logits: Tensor, target: Tensor, temperature: float) -> Tensor:
     """sigma_max(C_T): the soft confusion matrix of softmax(z / T), normalised per true class."""
-    counts = CF.counts_per_class(target, logits.shape[1])
-    return sigma_max_of(CF.surrogate_contributions(logits / temperature, target, "soft"), target, counts)
+    return csr_term(logits / temperature, target, form="paper", surrogate="soft")
 
 
 def penalty_objectives(logits: Tensor, target: Tensor, gamma: float = 0.0) -> dict[str, Tensor]:
-    """Each of :data:`PENALTIES` on a batch of adversarial logits (scalars with their graph)."""
-    k = logits.shape[1]
-    counts = CF.counts_per_class(target, k)
-    ce = cross_entropy(logits, target)
-    hard = CF.surrogate_confusion(CF.surrogate_contributions(logits.detach(), target, "counts", gamma).double(), target)
-    direction = CF.spectral_direction(hard, rescale=True)
-    weights = CF.csr_weights(direction, logits, target, include_diagonal=True)
+    """Each of :data:`PENALTIES` on a batch of adversarial logits (scalars with their graph), CSR's own terms."""
     return {
-        "counts-weighted CE": (weights * ce).mean(),
-        "kl": sigma_max_of(
-            CF.surrogate_contributions(logits, target, "kl", gamma, "additive", adv_ce=ce), target, counts
-        ),
-        "soft": sigma_max_of(CF.surrogate_contributions(logits, target, "soft"), target, counts),
-        "CE": ce.mean(),
+        "counts-weighted CE": csr_term(logits, target, gamma, form="code", surrogate="counts", margin="additive"),
+        "kl": csr_term(logits, target, gamma, form="paper", surrogate="kl"),
+        "soft": csr_term(logits, target, form="paper", surrogate="soft"),
+        "CE": cross_entropy(logits, target).mean(),
     }
 
 

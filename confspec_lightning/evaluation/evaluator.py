@@ -1,12 +1,14 @@
 """The evaluation component of :class:`~confspec_lightning.module.RobustFairLitModule`: a Lightning callback.
 
-It owns everything after training: clean and robust per-class accuracy of validation (every epoch, streamed
-into DDP-synchronised :class:`~confspec_lightning.metrics.RobustConfusionMatrix` metrics), the test attacks
-(``test_attacks``: PGD, CW, AutoAttack, ... on one device), ``predict``, the train/test divergence (the data
-module's ``train_eval`` subset), and publishing: TensorBoard scalars and figures, the printed table,
-``classwise_val.json`` (with the per-epoch mechanism diagnostics) and the test report ``evaluation/`` (JSON,
-Markdown, PNG). The module returns it from ``configure_callbacks`` and calls it from its step methods;
-subclass it and give it as the module's ``evaluator`` to change how a run is evaluated or reported.
+The module's validation, test and predict steps attack and predict; they return, per batch, each sample's index in
+its split, its label and its predicted class under every attack (``clean``, ``pgd20``, ...). The evaluator owns the
+rest, by one route for validation and test: it collects those predictions (``on_*_batch_end``), gathers them over
+DDP ranks in the order of the indices at the epoch's end (every rank, the same collectives), builds the per-class
+report (:class:`~confspec_lightning.evaluation.report.EvaluationReport`), logs it (TensorBoard scalars and figures),
+keeps the per-epoch mechanism diagnostics (``history``), prints the table and writes ``classwise_val.json`` and the
+test report ``evaluation/`` (JSON, Markdown, PNG). It reads what it needs from the module through
+:class:`EvaluatedModule` (the names of the classes, the threat model, the attacks, a few methods), never the module
+class itself. Subclass it and give it as the module's ``evaluator`` to change how a run is evaluated or reported.
 """
 
 from __future__ import annotations
@@ -14,42 +16,70 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
-from confspec_lightning.attacks.noise import SampleNoise
-from confspec_lightning.data.base import EvaluationSampler
+from confspec_lightning.attacks import Attack, AttackConfig
+from confspec_lightning.data.base import evaluation_sampler
 from confspec_lightning.environment import environment
-from confspec_lightning.evaluation.classwise import ClasswiseResult
 from confspec_lightning.evaluation.report import CLEAN, Divergence, EvaluationReport
-from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.validation import check_bool, check_int
 
-if TYPE_CHECKING:  # pragma: no cover
-    from confspec_lightning.module import RobustFairLitModule
-
-#: ``train_eval``: a stratified subset of the training images (the data module's second validation loader).
+#: ``train_eval``: a stratified subset of the training images (the data module's second validation/test loader).
 STAGES = ("val", "test", "train_eval")
 
 
-def evaluation_sampler(loader: Any) -> EvaluationSampler | None:
-    """The :class:`~confspec_lightning.data.base.EvaluationSampler` of a loader, or None.
+class EvaluatedModule(Protocol):
+    """What the evaluator reads from the module it evaluates (``RobustFairLitModule`` provides all of it)."""
 
-    Also found under Lightning's predict wrapper of the loader's batch sampler.
-    """
-    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        if isinstance(sampler, EvaluationSampler):
-            return sampler
-    return None
+    class_names: list[str]
+    num_classes: int
+    eval_attack: AttackConfig
+    eval_seed: int
+    validation_attack: Attack
+    test_attacks: list[Attack]
+    checkpoint_epoch: int | None
+
+    def use_evaluation_weights(self) -> None:
+        """Swap in the weights to evaluate (CFA's average), keeping the trained ones."""
+
+    def restore_trained_weights(self) -> None:
+        """Swap the trained weights back."""
+
+    def log_global(self, values: dict[str, Any]) -> None:
+        """Log values equal on every rank."""
+
+    def train_confusion_diagnostics(self) -> dict[str, float] | None:
+        """The training robust confusion's diagnostics (a collective), logged; None without samples."""
+
+
+def attack_progress(trainer: pl.Trainer, prefix: str) -> Callable[[str], None] | None:
+    """A printer of an attack's progress messages (rank 0, when the trainer shows progress bars), else None."""
+    bar = trainer.progress_bar_callback
+    if bar is None or not bar.is_enabled or not trainer.is_global_zero:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda message: tqdm.write(f"{prefix}: {message}", file=sys.stderr)
+
+
+def robust_key(module: EvaluatedModule) -> str:
+    """The report column of the validation attack (``pgd20`` for PGD with a 20-step ``eval_attack``)."""
+    return module.validation_attack.key(module.eval_attack)
+
+
+def robust_description(module: EvaluatedModule) -> str:
+    """E.g. ``PGD-20 linf eps=0.0314 step=0.0078`` (the validation attack and its threat model)."""
+    return module.eval_attack.describe(type(module.validation_attack).__name__)
 
 
 class Evaluator(pl.Callback):
-    """Per-class evaluation of validation, test and predict, and its reports (see the module docstring).
+    """Per-class evaluation of validation and test, and its reports (see the module docstring).
 
     Args:
         figures: log per-class bar charts and the robust confusion heatmap to TensorBoard every validation.
@@ -66,195 +96,98 @@ class Evaluator(pl.Callback):
         self.history: list[dict[str, Any]] = []
         #: where validate/test reports go (set by ``confspec`` for a run's checkpoint); None: the logger's directory
         self.output_dir: Path | None = None
-        self._predictions: dict[str, dict[str, list[Tensor]]] = {}
-        #: samples seen so far per (stage, loader), for loaders whose batches have no known indices
-        self._positions: dict[tuple[str, int], int] = {}
+        #: stage -> the batches' predictions (index, target and one entry per attack), until the epoch's end
+        self._collected: dict[str, list[dict[str, Tensor]]] = {}
 
-    def bind(self, num_classes: int) -> nn.ModuleDict:
-        """The streaming metrics (clean and robust per stage); the module registers them (device, DDP)."""
-        self.metrics = nn.ModuleDict(
-            {f"{stage}_{kind}": RobustConfusionMatrix(num_classes) for stage in STAGES for kind in ("clean", "robust")}
-        )
-        return self.metrics
+    # ------------------------------------------------------------ collection
+    def collect(self, stage: str, outputs: dict[str, Tensor] | None) -> None:
+        """Keep a batch's predictions (on the CPU; a placeholder batch gives None and is skipped)."""
+        if outputs is not None:
+            self._collected.setdefault(stage, []).append({k: v.detach().cpu() for k, v in outputs.items()})
 
-    # ------------------------------------------------------------- per batch
-    def batch_position(
-        self, trainer: pl.Trainer, stage: str, dataloader_idx: int, batch_idx: int, size: int
-    ) -> tuple[Tensor | None, int]:
-        """The indices in the split of a batch's samples (None: a placeholder batch to skip), and its batch number.
-
-        Exact for a loader over an :class:`~confspec_lightning.data.base.EvaluationSampler` (the data modules of
-        this library): the single process's indices and batch number, on any number of processes. Another loader
-        is taken as sequential: its samples are numbered in the order this process sees them.
-        """
-        loaders = {"val": trainer.val_dataloaders, "test": trainer.test_dataloaders}.get(stage)
-        if stage == "predict":
-            loaders = trainer.predict_dataloaders
-        loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
-        sampler = evaluation_sampler(loader)
-        if sampler is not None:
-            global_batch = sampler.global_batch(batch_idx)
-            return (None if global_batch is None else sampler.batch_indices(batch_idx)), global_batch or 0
-        start = self._positions.get((stage, dataloader_idx), 0)
-        self._positions[(stage, dataloader_idx)] = start + size
-        return torch.arange(start, start + size), batch_idx
-
-    def robust_logits(self, module: RobustFairLitModule, x: Tensor, target: Tensor, indices: Tensor) -> Tensor:
-        """Logits under the evaluation PGD (``module.eval_attack``, CE objective), seeded per sample.
-
-        Each sample's random start is keyed by its index (:class:`~confspec_lightning.attacks.noise.SampleNoise`
-        with ``module.eval_seed``).
-        """
-        noise = SampleNoise(module.eval_seed, indices)
-        x_adv = module.validation_attack.perturb(module.net, x, target, threat=module.eval_attack, generator=noise)
-        return module.net(x_adv)
-
-    def evaluate_batch(
-        self, module: RobustFairLitModule, batch: Any, stage: str, indices: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Clean and evaluation-PGD logits of a batch, added to the stage's metrics."""
-        x, target = batch
-        x = module.format_input(x)
-        clean_logits = module.net(x)
-        module.check_logits(clean_logits)
-        adv_logits = self.robust_logits(module, x, target, indices)
-        self.metrics[f"{stage}_clean"].update(clean_logits, target)
-        self.metrics[f"{stage}_robust"].update(adv_logits, target)
-        return clean_logits, adv_logits
-
-    def validation_batch(self, module: RobustFairLitModule, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        indices, _ = self.batch_position(module.trainer, "val", dataloader_idx, batch_idx, len(batch[1]))
-        if indices is not None:  # a placeholder batch (a rank with no batch of its own) counts nothing
-            self.evaluate_batch(module, batch, "val" if dataloader_idx == 0 else "train_eval", indices)
-
-    def test_batch(self, module: RobustFairLitModule, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        """Every test attack on the test split; the evaluation PGD on the train subset (divergence).
-
-        Each attack's random starts are keyed by sample index and AutoAttack is seeded with ``eval_seed`` plus the
-        batch's number in a single process's pass, so several processes give one process's predictions.
-        """
-        stage = "test" if dataloader_idx == 0 else "train_eval"
-        x, target = batch
-        indices, number = self.batch_position(module.trainer, "test", dataloader_idx, batch_idx, len(target))
-        if indices is None:
-            return
-        x = module.format_input(x)
-        clean_logits = module.net(x)
-        module.check_logits(clean_logits)
-        predictions = {"index": indices.to(target.device), "target": target, CLEAN: clean_logits.argmax(1)}
-        if stage == "train_eval":
-            predictions[self.divergence_key(module)] = self.robust_logits(module, x, target, indices).argmax(1)
+    def gathered(self, trainer: pl.Trainer, stage: str) -> dict[str, Tensor]:
+        """Every rank's predictions of ``stage`` in the order of the samples' indices (a collective under DDP)."""
+        pieces = self._collected.pop(stage, [])
+        local = {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]} if pieces else {}
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, local)
         else:
-            noise = SampleNoise(module.eval_seed, indices)
-            for attack in module.test_attacks:
-                predictions[attack.key(module.eval_attack)] = attack.predictions(
-                    module.net,
-                    x,
-                    target,
-                    threat=module.eval_attack,
-                    generator=noise,
-                    seed=module.eval_seed + number,
-                    progress=self._progress(module.trainer, f"{attack.name}, test batch {number + 1}"),
-                )
-        for key, value in predictions.items():
-            self._predictions.setdefault(stage, {}).setdefault(key, []).append(value.detach().cpu())
+            parts = [local]
+        parts = [part for part in parts if part]
+        if not parts:
+            return {}
+        merged = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        order = torch.argsort(merged.pop("index"), stable=True)
+        return {key: value[order] for key, value in merged.items()}
 
-    def predict_batch(self, module: RobustFairLitModule, batch: Any, batch_idx: int = 0) -> dict[str, Tensor]:
-        """Clean predictions and, where labels come with the batch, predictions under the evaluation PGD.
+    def report(
+        self, module: EvaluatedModule, stage: str, predictions: dict[str, Tensor], **fields: Any
+    ) -> EvaluationReport:
+        """The per-class report of a stage's gathered predictions."""
+        predictions = dict(predictions)
+        target = predictions.pop("target")
+        return EvaluationReport.from_predictions(
+            name=self.run_name(module), class_names=list(module.class_names), target=target, predictions=predictions,
+            stage=stage, epoch=self.report_epoch(module), **fields,
+        )  # fmt: skip
 
-        A placeholder batch (a rank with no batch of its own) gives empty predictions.
-        """
-        x, target = batch if isinstance(batch, list | tuple) and len(batch) == 2 else (batch, None)
-        indices, _ = self.batch_position(module.trainer, "predict", 0, batch_idx, len(x))
-        if indices is None:
-            empty = torch.zeros(0, dtype=torch.long, device=x.device)
-            return {"pred": empty, **({"target": empty, "adv_pred": empty} if target is not None else {})}
-        x = module.format_input(x)
-        out = {"pred": module.net(x).argmax(dim=1)}
-        if target is not None:
-            out["target"] = target
-            out["adv_pred"] = self.robust_logits(module, x, target, indices).argmax(dim=1)
-        return out
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.collect("val" if dataloader_idx == 0 else "train_eval", outputs)
 
-    @staticmethod
-    def divergence_key(module: RobustFairLitModule) -> str:
-        return f"pgd{module.eval_attack.steps}"
-
-    @staticmethod
-    def _progress(trainer: pl.Trainer, prefix: str) -> Callable[[str], None] | None:
-        """Prints an attack's progress (rank 0, when the trainer shows progress bars)."""
-        bar = trainer.progress_bar_callback
-        if bar is None or not bar.is_enabled or not trainer.is_global_zero:
-            return None
-        from tqdm.auto import tqdm
-
-        return lambda message: tqdm.write(f"{prefix}: {message}", file=sys.stderr)
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.collect("test" if dataloader_idx == 0 else "train_eval", outputs)
 
     # ------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.use_evaluation_weights()
-        self._positions = {}
+        self._collected = {}
         if not trainer.sanity_checking:
             self._check_sharding(trainer, "val")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module: RobustFairLitModule = pl_module  # type: ignore[assignment]
-        report = self._finish(module, "val", figures=self.figures)
+        module: EvaluatedModule = pl_module  # type: ignore[assignment]
+        key = robust_key(module)
+        report = self.report(module, "val", self.gathered(trainer, "val"), robust_attack=key,
+                             description=robust_description(module))  # fmt: skip
+        train_eval = self.gathered(trainer, "train_eval")
+        if not trainer.sanity_checking:
+            self._publish_scalars(pl_module, report, figures=self.figures)
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            entry: dict[str, Any] = {"epoch": module.current_epoch, "val": report.robust.diagnostics}
+            entry: dict[str, Any] = {"epoch": pl_module.current_epoch, "val": report.robust.diagnostics}
             train = module.train_confusion_diagnostics()
             if train is not None:
                 entry["train"] = train
             self.history.append(entry)
             report.history = list(self.history)
-        if len(trainer.num_val_batches) > 1:  # the data module also gave a train subset
-            train_report = self._finish(module, "train_eval", figures=False)
+        if train_eval:  # the data module also gave a train subset: the train/test divergence
+            train_report = self.report(module, "train_eval", train_eval, robust_attack=key)
+            if not trainer.sanity_checking:
+                self._publish_scalars(pl_module, train_report, figures=False)
+                self.reports["train_eval"] = train_report
             report.divergence = Divergence.from_accuracies(
-                "pgd",
+                key.rstrip("0123456789"),
                 train_report.robust.classwise_acc,
                 report.robust.classwise_acc,
                 train_size=sum(train_report.class_counts),
             )
             if not trainer.sanity_checking:
-                name = "val/robust_acc_kendall_tau_train"
-                module.log_global({name: report.divergence.kendall_tau})
+                module.log_global({"val/robust_acc_kendall_tau_train": report.divergence.kendall_tau})
+        if not trainer.sanity_checking:
+            self.reports["val"] = report
         module.restore_trained_weights()
 
-    def _finish(self, module: RobustFairLitModule, stage: str, figures: bool) -> EvaluationReport:
-        """The stage's report from the synced metrics (collectives: every rank calls it); logged."""
-        clean, robust = self.metrics[f"{stage}_clean"], self.metrics[f"{stage}_robust"]
-        clean_errors, counts = clean.synced_state()
-        errors, _ = robust.synced_state()
-        clean.reset()
-        robust.reset()
-        key = f"pgd{module.eval_attack.steps}"
-        attacks = {
-            CLEAN: ClasswiseResult.from_confusion(clean_errors, counts, module.class_names, with_confusion=False),
-            key: ClasswiseResult.from_confusion(errors, counts, module.class_names),
-        }
-        report = EvaluationReport(
-            name=self.run_name(module),
-            class_names=list(module.class_names),
-            class_counts=[int(c) for c in counts.tolist()],
-            attacks=attacks,
-            stage=stage,
-            epoch=self.report_epoch(module),
-            robust_attack=key,
-            description=module.eval_attack.describe(),
-        )
-        if module.trainer.sanity_checking:
-            return report
-        # values are already global (synced metric state): logged without another reduction
+    def _publish_scalars(self, pl_module: pl.LightningModule, report: EvaluationReport, figures: bool) -> None:
+        """Log the report's scalars (already global: gathered predictions) and, if asked, its figures."""
+        module: EvaluatedModule = pl_module  # type: ignore[assignment]
         module.log_global(report.scalars())
         if module.num_classes <= self.max_classwise_scalars:
             module.log_global(report.classwise_scalars())
         if figures:
-            self.log_figures(module, report)
-        self.reports[stage] = report
-        return report
+            self.log_figures(pl_module, report)
 
     @staticmethod
-    def report_epoch(module: RobustFairLitModule) -> int:
+    def report_epoch(module: Any) -> int:
         """The training epoch the evaluated weights come from (the checkpoint's, outside fit)."""
         epoch = getattr(module, "checkpoint_epoch", None)
         if module.trainer.state.fn != "fit" and epoch is not None:
@@ -262,11 +195,11 @@ class Evaluator(pl.Callback):
         return module.current_epoch
 
     @staticmethod
-    def run_name(module: RobustFairLitModule) -> str:
+    def run_name(module: Any) -> str:
         logger = module.trainer.logger
-        return str(getattr(logger, "name", None) or type(module.backbone).__name__)
+        return str(getattr(logger, "name", None) or type(getattr(module, "backbone", module)).__name__)
 
-    def log_figures(self, module: RobustFairLitModule, report: EvaluationReport) -> None:
+    def log_figures(self, module: pl.LightningModule, report: EvaluationReport) -> None:
         """Per-class bars (clean and robust) and the robust confusion heatmap, to every TensorBoard logger."""
         if module.global_rank != 0:
             return
@@ -318,45 +251,22 @@ class Evaluator(pl.Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_sharding(trainer, "test")
         pl_module.use_evaluation_weights()
-        self._positions = {}
-        self._predictions = {"test": {}, "train_eval": {}}
-
-    def _gathered_predictions(self, trainer: pl.Trainer) -> dict[str, dict[str, Tensor]]:
-        """Every rank's predictions, in the order of the samples' indices (a collective under DDP: every rank)."""
-        local = {stage: {k: torch.cat(v) for k, v in d.items()} for stage, d in self._predictions.items()}
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, local)
-        else:
-            parts = [local]
-        collected: dict[str, dict[str, Tensor]] = {}
-        for stage in self._predictions:
-            pieces = [part[stage] for part in parts if part.get(stage)]
-            if not pieces:
-                collected[stage] = {}
-                continue
-            merged = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
-            order = torch.argsort(merged.pop("index"), stable=True)
-            collected[stage] = {key: value[order] for key, value in merged.items()}
-        return collected
+        self._collected = {}
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module: RobustFairLitModule = pl_module  # type: ignore[assignment]
-        collected = self._gathered_predictions(trainer)
-        test, train = collected["test"], collected["train_eval"]
-        target = test.pop("target")
+        module: EvaluatedModule = pl_module  # type: ignore[assignment]
+        test, train = self.gathered(trainer, "test"), self.gathered(trainer, "train_eval")
+        key = robust_key(module)
         divergence = None
-        key = self.divergence_key(module)
         if train and key in test:
             divergence = Divergence.from_predictions(
-                key, module.num_classes, train["target"], train[key], target, test[key]
+                key, module.num_classes, train["target"], train[key], test["target"], test[key]
             )
         cfg = module.eval_attack
-        report = EvaluationReport.from_predictions(
-            name=self.run_name(module),
-            class_names=list(module.class_names),
-            target=target,
-            predictions=test,
+        report = self.report(
+            module,
+            "test",
+            test,
             settings={
                 "norm": cfg.norm,
                 "eps": cfg.eps,
@@ -369,26 +279,25 @@ class Evaluator(pl.Callback):
                     (a.describe() for a in module.test_attacks if a.name == "autoattack" and hasattr(a, "describe")),
                     "not run",
                 ),
-                "images": int(target.numel()),
+                "images": int(test["target"].numel()),
             },
             divergence=divergence,
-            stage="test",
-            epoch=self.report_epoch(module),
             robust_attack=key if key in test else None,
             description=cfg.describe(),
         )
-        module.log_dict(report.scalars(), on_epoch=True)
+        pl_module.log_dict(report.scalars(), on_epoch=True)
         for attack, result in report.attacks.items():
-            module.log_dict({f"test/{attack}_acc": result.avg, f"test/{attack}_acc_worst": result.worst}, on_epoch=True)
+            pl_module.log_dict(
+                {f"test/{attack}_acc": result.avg, f"test/{attack}_acc_worst": result.worst}, on_epoch=True
+            )
         if divergence is not None:
-            module.log("test/robust_acc_kendall_tau_train", divergence.kendall_tau, on_epoch=True)
+            pl_module.log("test/robust_acc_kendall_tau_train", divergence.kendall_tau, on_epoch=True)
         self.reports["test"] = report
         module.restore_trained_weights()
 
     # --------------------------------------------------------------- predict
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.use_evaluation_weights()
-        self._positions = {}
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.restore_trained_weights()

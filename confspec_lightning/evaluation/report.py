@@ -2,7 +2,7 @@
 
 One report type for validation (clean and the evaluation PGD, every epoch; ``classwise_val.json``) and test
 (clean, PGD-20, CW-20, AutoAttack, ...; ``evaluation/``): for every attack a
-:class:`~confspec_lightning.evaluation.classwise.ClasswiseResult` (the accuracy of each class, the average over
+:class:`~confspec_lightning.classwise.ClasswiseResult` (the accuracy of each class, the average over
 classes, the worst class, the spread, the overall accuracy and, for every attack but ``clean``, the robust
 confusion matrix C as per-class error rates with what CSR targets: ||C||_2, sigma_1 / sigma_2, ||C||_1, nu).
 """
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from confspec_lightning import functional as CF
-from confspec_lightning.evaluation.classwise import ClasswiseResult, summarize
+from confspec_lightning.classwise import ClasswiseResult, summarize
 from confspec_lightning.io import atomic_write_text
 from confspec_lightning.validation import check_labels
 

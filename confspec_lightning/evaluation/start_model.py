@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from confspec_lightning.evaluation.classwise import ClasswiseResult
+from confspec_lightning.classwise import ClasswiseResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from confspec_lightning.module import RobustFairLitModule

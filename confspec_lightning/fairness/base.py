@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from confspec_lightning.attacks import Attack, AttackConfig, AttackObjective
+from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.objectives import BaseObjective, LossAdjustment, ObjectiveOutput
 
 
@@ -45,6 +46,9 @@ class EpochContext:
             :meth:`adversarial`).
         objective: the base objective (its attack loss and per-sample loss terms).
         epoch: the epoch about to start (``on_train_epoch_start``) or just trained (``on_train_epoch_end``).
+        train_confusion: the training robust confusion (hard counts, no margin) of the adversarial predictions the
+            training steps made, accumulated once per step by the module for every method: at an epoch's start it
+            holds the previous epoch's (read it with ``synced_state()``, a collective: sums over DDP ranks).
     """
 
     model: nn.Module
@@ -54,6 +58,7 @@ class EpochContext:
     training_attack: Attack
     objective: BaseObjective
     epoch: int
+    train_confusion: RobustConfusionMatrix | None = None
 
     def adversarial(self, x: Tensor, target: Tensor, loss: AttackObjective | None = None) -> Tensor:
         """The training attack on (x, target) with the training threat model, without per-sample budgets.

@@ -27,7 +27,6 @@ from confspec_lightning import functional as CF
 from confspec_lightning.attacks import AttackConfig
 from confspec_lightning.fairness.base import EpochContext, FairnessMethod
 from confspec_lightning.fairness.statistics import classwise_accuracy
-from confspec_lightning.metrics import RobustConfusionMatrix
 from confspec_lightning.objectives import LossAdjustment, ObjectiveOutput
 from confspec_lightning.validation import check_bool, check_int, check_real
 
@@ -120,8 +119,6 @@ class CFA(FairnessMethod):
         self.register_buffer("train_robust_acc", torch.ones(num_classes, dtype=torch.float64))
         self.register_buffer("has_statistics", torch.zeros((), dtype=torch.bool))
         self.register_buffer("average_updates", torch.zeros((), dtype=torch.long))
-        self.train_confusion = RobustConfusionMatrix(num_classes)
-        self.train_confusion.persistent(True)
         if self.weight_average:
             if model is None:
                 raise ValueError("cfa.weight_average needs the model at bind time (RobustFairLitModule passes it).")
@@ -140,6 +137,9 @@ class CFA(FairnessMethod):
             self.average = {key: state[key].to(self.average[key]) for key in self.average}
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # checkpoints of 0.1 kept CFA's own copy of the training confusion; the module's shared one replaces it
+        for key in [k for k in state_dict if k.startswith(prefix + "train_confusion.")]:
+            del state_dict[key]
         # checkpoints of 0.1 kept the average as buffers average.<key with '.' -> '__'>
         old = [key for key in state_dict if key.startswith(prefix + "average.")]
         if not old and not self.weight_average:  # nothing averaged: an older checkpoint has no extra state
@@ -153,9 +153,10 @@ class CFA(FairnessMethod):
 
     # ------------------------------------------------------------ calibration
     def on_train_epoch_start(self, context: EpochContext) -> dict[str, Tensor]:
-        """R_c from last epoch's training predictions (summed over ranks); start this epoch's count."""
-        errors, counts = self.train_confusion.synced_state()
-        self.train_confusion.reset()
+        """R_c from last epoch's training predictions (the module's shared training confusion, summed over ranks)."""
+        if context.train_confusion is None:
+            raise ValueError("CFA needs the training confusion in its EpochContext (RobustFairLitModule gives it).")
+        errors, counts = context.train_confusion.synced_state()
         if int(counts.sum()) > 0:
             self.train_robust_acc.copy_(CF.classwise_accuracy(errors, counts).nan_to_num(1.0))
             self.has_statistics.fill_(True)
@@ -181,9 +182,6 @@ class CFA(FairnessMethod):
             return LossAdjustment()
         share = cfa_trades_weights(self.train_robust_acc, beta, self.beta_base).float()[target]
         return LossAdjustment(term_weights={"ce": 1.0 - share, "kl": share / beta})
-
-    def on_train_batch_end(self, output: ObjectiveOutput, target: Tensor) -> None:
-        self.train_confusion.update(output.adv_logits.detach(), target)
 
     # -------------------------------------------------------- weight averaging
     def on_train_epoch_end(self, context: EpochContext) -> dict[str, Tensor]:

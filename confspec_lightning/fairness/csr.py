@@ -163,7 +163,7 @@ class CSR(FairnessMethod):
             raise ValueError(
                 "csr.include_diagonal=True is not accepted with csr.form='paper': the surrogate matrix charges "
                 "only errors (its diagonal is 0); leave it unset (null: a config stacked on a code-form one, such as "
-                "configs/digits/trades_csr.yaml, keeps that config's CSR options unless they are set to null), or use "
+                "methods/trades_csr.yaml, keeps that config's CSR options unless they are set to null), or use "
                 "csr.form='code'."
             )
         self.alpha = alpha
@@ -204,6 +204,11 @@ class CSR(FairnessMethod):
         return self.confusion_source in PER_STEP_SOURCES
 
     @property
+    def shares_training_confusion(self) -> bool:
+        """``streaming`` of hard counts without a margin: the module's training confusion is this very matrix."""
+        return self.confusion_source == "streaming" and self.surrogate == "counts" and self.gamma == 0.0
+
+    @property
     def iterates(self) -> bool:
         """Whether the per-step direction comes from the warm-started subspace iteration (no SVD, no sync)."""
         return self.per_step and self.direction_solver == "power"
@@ -238,6 +243,10 @@ class CSR(FairnessMethod):
             for x, y in context.train_batches():
                 self.confusion.update(self._attacked_logits(context, x, y), y)
         errors, counts = self.confusion.synced_state()
+        if self.shares_training_confusion and context.train_confusion is not None and int(counts.sum()) == 0:
+            # the module's, accumulated once per step for every method (CSR's own holds a stream only when it was
+            # restored from a 0.1 checkpoint, which kept it there)
+            errors, counts = context.train_confusion.synced_state()
         if int(counts.sum()) == 0:  # nothing accumulated yet (streaming, epoch 0): keep G
             return {}
         matrix = CF.confusion_from_counts(errors, counts, normalize=self.normalize)
@@ -360,8 +369,11 @@ class CSR(FairnessMethod):
         return {"csr/source_sigma1": sigma / steps, "csr/source_sigma_ratio": ratio / steps}
 
     def on_train_batch_end(self, output: ObjectiveOutput, target: Tensor) -> None:
-        """Streaming source: add the batch's adversarial predictions to C (device only, no sync)."""
-        if self.confusion_source == "streaming":
+        """Streaming source: add the batch's adversarial predictions to C (device only, no sync).
+
+        Not when the module's shared training confusion is that matrix (:attr:`shares_training_confusion`).
+        """
+        if self.confusion_source == "streaming" and not self.shares_training_confusion:
             self.confusion.update(output.adv_logits.detach(), target)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from confspec_lightning.attacks import AttackConfig, eval_mode
-from confspec_lightning.evaluation.classwise import ClasswiseResult
+from confspec_lightning.classwise import ClasswiseResult
 from confspec_lightning.objectives import BaseObjective
 
 

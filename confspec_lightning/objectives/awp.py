@@ -8,8 +8,9 @@ Per training step, after the adversarial batch is made with the unperturbed weig
    ``torch.autograd.grad`` is used, so no ``.grad`` is touched and no DDP hook fires;
 2. per weight tensor of dimension > 1 (convolution and linear weights; biases and BatchNorm stay),
    v_l = gamma ||w_l|| d_l / (||d_l|| + 1e-20) (layer-wise relative size gamma);
-3. w <- w + v; the training loss, every fairness term included, is computed and back-propagated at w + v; the
-   optimizer steps; then w <- w - v. With plain SGD and no weight decay: w_new = w - lr grad L(w + v).
+3. w <- w + v; the training loss, every fairness term included, is computed and back-propagated at w + v; w is
+   put back (the saved copy, bit for bit: adding and subtracting v would leave round-off); the optimizer steps from
+   w with the gradient taken at w + v. With plain SGD and no weight decay: w_new = w - lr grad L(w + v).
 
 Under DDP the ascent gradient is averaged over the ranks (one all-reduce) before v is formed, so every rank applies
 the same perturbation to the same weights. v is recomputed every step: nothing but the weights is state, and a
@@ -62,9 +63,7 @@ class AWP:
         reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """V for every perturbed weight (name -> tensor); ``reduce`` averages a flat gradient over DDP ranks."""
-        parameters = {
-            name: p for name, p in model.named_parameters() if p.requires_grad and p.dim() > 1
-        }
+        parameters = {name: p for name, p in model.named_parameters() if p.requires_grad and p.dim() > 1}
         if not parameters:
             return {}
         buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics stay put
@@ -88,12 +87,23 @@ class AWP:
         return perturbation
 
     @staticmethod
-    def apply(model: nn.Module, perturbation: dict[str, Tensor], sign: float = 1.0) -> None:
-        """W <- w + sign v, in place (``sign=-1`` removes the perturbation)."""
+    def apply(model: nn.Module, perturbation: dict[str, Tensor]) -> dict[str, Tensor]:
+        """W <- w + v, in place; returns copies of the unperturbed weights (for :meth:`restore`)."""
         params = dict(model.named_parameters())
+        saved = {}
         with torch.no_grad():
             for name, v in perturbation.items():
-                params[name].add_(v.to(params[name].dtype), alpha=sign)
+                saved[name] = params[name].detach().clone()
+                params[name].add_(v.to(params[name].dtype))
+        return saved
+
+    @staticmethod
+    def restore(model: nn.Module, saved: dict[str, Tensor]) -> None:
+        """W <- the saved unperturbed weights, bit for bit (w + v - v would differ from w by round-off)."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
 
     def __repr__(self) -> str:
         return f"AWP(gamma={self.gamma}, warmup_epochs={self.warmup_epochs}, proxy_lr={self.proxy_lr})"

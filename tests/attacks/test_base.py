@@ -9,7 +9,7 @@ import torch
 
 from confspec_lightning.attacks import CW, PGD, Attack, AttackConfig, AutoAttack, EvalAttackConfig, pgd
 
-from helpers import ROOT, make_module, make_trainer
+from helpers import make_module, make_trainer
 
 
 def test_keys_name_the_report_columns():
@@ -68,7 +68,7 @@ def test_a_new_attack_is_one_file_and_a_config_line(tmp_path, monkeypatch, capsy
         "      - class_path: toy_attack.Shift\n        init_args: {sign: -1.0}\n"
     )
     args = [
-        "--config", str(ROOT / "configs/digits/trades.yaml"), "--config", str(tmp_path / "attacks.yaml"),
+        "--config", "digits/trades", "--config", str(tmp_path / "attacks.yaml"),
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false",
         "--model.init_args.train_attack.steps=1", "--model.init_args.eval_attack.steps=1",
     ]  # fmt: skip

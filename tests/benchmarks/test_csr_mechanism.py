@@ -20,7 +20,7 @@ from helpers import ROOT, run_confspec_in_process
 def test_mechanism_benchmark_end_to_end(tmp_path, monkeypatch):
     """Train a tiny digits model with confspec, run the check on its checkpoint, read the table (both in this
     process: the script as ``python run.py ARGS`` runs it)."""
-    config = str(ROOT / "configs/digits/trades.yaml")
+    config = "digits/trades"
     quick = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--model.init_args.train_attack.steps=1"]
     fit = ["fit", "--config", config, *quick]
     fit += [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"]

@@ -8,7 +8,8 @@ from confspec_lightning import AttackConfig
 from confspec_lightning.data import DigitsDataModule
 from confspec_lightning.fairness import CFA
 from confspec_lightning.fairness.cfa import cfa_class_eps, cfa_trades_weights, ema_update
-from confspec_lightning.objectives import ObjectiveOutput, combine_terms
+from confspec_lightning.metrics import RobustConfusionMatrix
+from confspec_lightning.objectives import combine_terms
 
 from helpers import make_module, make_trainer, trades_output
 
@@ -31,8 +32,9 @@ def test_cfa_loss_budget_and_state_from_training_predictions():
     # a fake previous epoch: class 0 always right, class 1 half, class 2 never
     logits = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0], [0.1, 0, 0], [5.0, 0, 0]])
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    cfa.on_train_batch_end(ObjectiveOutput({}, {}, logits, torch.zeros(6)), labels)
-    context = type("Ctx", (), {"epoch": 0})()
+    confusion = RobustConfusionMatrix(3)  # the module's shared training confusion, after a fake epoch
+    confusion.update(logits, labels)
+    context = type("Ctx", (), {"epoch": 0, "train_confusion": confusion})()
     cfa.on_train_epoch_start(context)
     torch.testing.assert_close(cfa.train_robust_acc, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
     attack = AttackConfig(eps=0.1, step=0.025, steps=3)
@@ -46,7 +48,6 @@ def test_cfa_loss_budget_and_state_from_training_predictions():
     # before warm-up ends: the plain base
     late = CFA(warmup_epochs=5, weight_average=False)
     late.bind(3)
-    late.on_train_batch_end(ObjectiveOutput({}, {}, logits, torch.zeros(6)), labels)
     late.on_train_epoch_start(context)
     assert late.attack_budget(target, attack) == (None, None)
     assert late.loss_adjustment(output, target).term_weights == {}

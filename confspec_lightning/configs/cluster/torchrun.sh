@@ -11,10 +11,10 @@
 # Resume an interrupted run from its last.ckpt (the CLI resolves `last` to the newest earlier run's):
 #   NPROC_PER_NODE=4 configs/cluster/torchrun.sh --ckpt_path last
 # CPU check with 2 processes (what tests/test_cluster.py runs, on the digits config):
-#   ACCELERATOR=cpu NPROC_PER_NODE=2 CONFIG=configs/digits/trades_csr.yaml configs/cluster/torchrun.sh
+#   ACCELERATOR=cpu NPROC_PER_NODE=2 CONFIG=digits/trades_csr configs/cluster/torchrun.sh
 #
 # Settings (environment variables, defaults in brackets):
-#   CONFIG          [configs/cifar10/scratch_trades_csr.yaml of this repository]
+#   CONFIG          [cifar10/scratch_trades_csr: a recipe name or a config file]
 #   NNODES          [1] number of nodes (fixed: Lightning does not support elastic min:max node ranges)
 #   NPROC_PER_NODE  [number of GPUs from nvidia-smi, else 1] processes per node = GPUs per node
 #   ACCELERATOR     [gpu] or cpu (gloo backend)
@@ -42,7 +42,7 @@ set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
-CONFIG=${CONFIG:-$REPO_ROOT/configs/cifar10/scratch_trades_csr.yaml}
+CONFIG=${CONFIG:-cifar10/scratch_trades_csr}
 NNODES=${NNODES:-1}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     NPROC_PER_NODE=1
