@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from confspec_lightning.recipes import recipe_names
+
 from helpers import ROOT
 
 CLUSTER = ROOT / "configs" / "cluster"
@@ -27,10 +29,10 @@ def test_script_parses_and_names_existing_configs(script):
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
     assert "--config" in text
-    configs = set(re.findall(r"configs/[\w./-]+\.yaml", text))
+    configs = set(re.findall(r"CONFIG=\$\{CONFIG:-([\w./-]+)\}", text))  # the default: a recipe name
     assert configs, f"{script.name} names no config"
-    missing = sorted(c for c in configs if not (ROOT / c).is_file())
-    assert not missing, f"{script.name} names configs that do not exist: {missing}"
+    missing = sorted(c for c in configs if c not in recipe_names())
+    assert not missing, f"{script.name} names recipes that do not exist: {missing}"
     assert text.startswith("#!"), "a shebang line"
     assert "set -euo pipefail" in text
 

@@ -224,15 +224,16 @@ def run(processes: int, *args: str, cwd) -> None:
 
 
 def test_ddp_test_and_predict_equal_one_process_exactly(tmp_path):
-    """One checkpoint, tested on 1, 2 and 3 processes: every image counted once (no padding), each image's PGD
+    """One checkpoint, tested on 1 and 2 processes: every image counted once (no padding), each image's PGD
     start drawn from its index, AutoAttack seeded by the batch's number in one process's pass: identical reports;
     predict on 2 processes writes one predictions.csv, identical to one process's."""
     fit = tmp_path / "fit"
     run(1, "fit", *eval_args(fit, 1), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", cwd=fit)
     checkpoint = tmp_path / "model.ckpt"  # a file outside any run: each evaluation opens a run of its own under out/
     shutil.copy(next(fit.glob("*/version_0/checkpoints/last.ckpt")), checkpoint)
-    # validation on 2 and 3 processes: test_ddp_fit_validation_and_best_checkpoint_equal_one_process
-    commands = {1: ("test", "predict"), 2: ("test", "predict"), 3: ("test",)}
+    # 3 processes (uneven shards, a rank with a placeholder batch): test_ddp_fit_validation_and_best_checkpoint_...
+    # validates on them through the same prediction route as test
+    commands = {1: ("test", "predict"), 2: ("test", "predict")}
     reports = {}
     for processes, names in commands.items():
         out = tmp_path / f"eval{processes}"
@@ -244,7 +245,6 @@ def test_ddp_test_and_predict_equal_one_process_exactly(tmp_path):
     assert sum(reports[1][0]) == 360 and set(reports[1][1]) == {"clean", "pgd3", "autoattack"}
     assert len(reports[1][2][0].splitlines()) == 361  # the header and one row per test image
     assert reports[2] == reports[1]
-    assert reports[3][:2] == reports[1][:2]
 
 
 #: AWP on (its ascent gradient is averaged over the ranks: every rank perturbs the same weights the same way)
