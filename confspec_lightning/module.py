@@ -548,9 +548,7 @@ class RobustFairLitModule(pl.LightningModule):
 
     def _batch_position(self, stage: str, dataloader_idx: int, batch_idx: int, size: int) -> tuple[Tensor | None, int]:
         """The split indices of a batch's samples (None: a placeholder batch) and its number in one process's pass."""
-        loaders = {"val": self.trainer.val_dataloaders, "test": self.trainer.test_dataloaders}.get(stage)
-        if stage == "predict":
-            loaders = self.trainer.predict_dataloaders
+        loaders = getattr(self.trainer, f"{stage}_dataloaders")  # val_, test_ or predict_dataloaders
         loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
         return self.positions.of(loader, (stage, dataloader_idx), batch_idx, size)
 

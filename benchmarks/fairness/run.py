@@ -371,20 +371,12 @@ def confspec(args: list[str], log: Path, budget: Budget) -> float:
     return time.perf_counter() - start
 
 
-def recipe_configs(name: str) -> list[Path]:
-    """The shipped config files recipe ``name`` combines (``configs/recipes.yaml``), base first."""
-    import yaml
-
-    table = yaml.safe_load((ROOT / "configs" / "recipes.yaml").read_text())
-    if name not in table:
-        raise SystemExit(f"no shipped recipe {name!r} (configs/recipes.yaml)")
-    return [ROOT / "configs" / file for file in table[name]]
-
-
 def common_args(protocol: str, method: str, seed: int, run_dir: Path) -> list[str]:
     spec = PROTOCOLS[protocol]
     config = spec.variants.get(method, method)
-    args = [arg for path in recipe_configs(f"{spec.configs}{config}") for arg in ("--config", str(path))]
+    from confspec_lightning.recipes import recipe_files  # the library's table (configs/recipes.yaml)
+
+    args = [arg for path in recipe_files(f"{spec.configs}{config}") for arg in ("--config", str(path))]
     for overlay in spec.overlays:
         args += ["--config", str(HERE / overlay)]
     if method in spec.fairness:
