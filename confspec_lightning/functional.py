@@ -267,24 +267,28 @@ def _orthonormal_columns(w: Tensor) -> Tensor:
 
 
 class DenseOperator:
-    """M = ``matrix`` diag(``column_scale``) as the products :func:`top_singular_subspace` takes (float64).
+    """M = ``scalar`` ``matrix`` diag(``column_scale``) as the products :func:`top_singular_subspace` takes (float64).
 
-    Products are formed as (2 x K) @ (K x K): BLAS runs a (K x K) @ (K x 2) product 2-3x slower on a CPU.
+    Products are formed as (2 x K) @ (K x K): BLAS runs a (K x K) @ (K x 2) product 2-3x slower on a CPU. ``scalar``
+    (a 0-dim tensor, e.g. an EMA's lazily applied decay) multiplies each (K, 2) product, never the matrix.
     """
 
-    def __init__(self, matrix: Tensor, column_scale: Tensor | None = None) -> None:
+    def __init__(self, matrix: Tensor, column_scale: Tensor | None = None, scalar: Tensor | None = None) -> None:
         self.matrix = matrix.detach().to(torch.float64)
         self.scale = None if column_scale is None else column_scale.detach().to(self.matrix)[:, None]
+        self.scalar = None if scalar is None else scalar.detach().to(self.matrix)
         self.size = self.matrix.shape[0]
 
     def times(self, v: Tensor) -> Tensor:
         """M V for V (K, 2) (BLAS reads M^T as a view: cheaper than copying it)."""
-        return ((v if self.scale is None else v * self.scale).t() @ self.matrix.t()).t()
+        w = ((v if self.scale is None else v * self.scale).t() @ self.matrix.t()).t()
+        return w if self.scalar is None else w * self.scalar
 
     def times_transposed(self, x: Tensor) -> Tensor:
         """M^T X for X (K, 2)."""
         w = (x.t() @ self.matrix).t()
-        return w if self.scale is None else w * self.scale
+        w = w if self.scale is None else w * self.scale
+        return w if self.scalar is None else w * self.scalar
 
 
 class BatchSurrogateOperator:

@@ -34,6 +34,7 @@ accumulated matrix are buffers/persistent metric state: checkpoints carry them.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -190,8 +191,13 @@ class CSR(FairnessMethod):
             initial = torch.ones if self.form == "code" else torch.zeros  # paper form: no penalty before a matrix
             self.register_buffer("direction", initial(num_classes, num_classes, dtype=torch.float32))
         if self.confusion_source == "ema":
+            # the average is kept as ema_scale * ema_matrix (see _update_ema); checkpoints hold the product
             self.register_buffer("ema_matrix", torch.zeros(num_classes, num_classes, dtype=torch.float64))
             self.register_buffer("ema_initialised", torch.zeros((), dtype=torch.bool))
+            self.register_buffer("ema_scale", torch.ones((), dtype=torch.float64), persistent=False)
+            self._steps_since_fold = 0
+            self.register_state_dict_post_hook(_save_ema_average)
+            self.register_load_state_dict_pre_hook(_load_ema_average)
         self.confusion = RobustConfusionMatrix(
             num_classes, gamma=self.gamma, margin=self.margin, surrogate=self.surrogate
         )
@@ -272,22 +278,54 @@ class CSR(FairnessMethod):
         with torch.no_grad(), eval_mode(context.model):
             return context.model(x_adv)
 
-    def _batch_matrix(self, contributions: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """The global batch's dense direction matrix (batch: its own; ema: the updated average) and class counts.
+    def ema_average(self) -> Tensor:
+        """The ``ema`` source's average M (K, K), float64 (a new tensor: ``ema_scale * ema_matrix``)."""
+        return self.ema_matrix * self.ema_scale
 
-        One all-reduce of K (K + 1) values under DDP. The ``ema`` update with one process is M <- d M, then the
-        batch's scaled contributions are added where they fall (O(K^2 + B K), no K x K temporary).
+    def _update_ema(
+        self, contributions: Tensor | CF.Charges, target: Tensor, counts: Tensor, dense: Tensor | None
+    ) -> None:
+        """M <- d M + (1 - d) L_batch (the first step: M <- L_batch) without a pass over M.
+
+        M is kept as s * A: the decay multiplies the scalar s, and the batch's entries are added to A divided by the
+        new s (O(B) for one process's charges, one K x K add for the all-reduced matrix ``dense``). Every
+        :attr:`fold_period` steps s is folded into A (one pass), before d^steps could underflow; d = 0 folds every
+        step (M = L_batch).
+        """
+        d = self.ema_decay
+        first = ~self.ema_initialised
+        if d == 0.0 or self._steps_since_fold >= self.fold_period:
+            self.ema_matrix.mul_(self.ema_scale if d > 0.0 else 0.0)
+            self.ema_scale.fill_(1.0)
+            self._steps_since_fold = 0
+        scale = torch.where(first | (d == 0.0), 1.0, d * self.ema_scale).to(self.ema_scale)  # d = 0: A was zeroed
+        factor = torch.where(first, 1.0, 1.0 - d).to(scale) / scale  # A's share of this batch
+        if dense is not None:
+            self.ema_matrix.addcmul_(dense, factor)
+        else:
+            per_sample = factor / counts.clamp_min(1.0)[target] if self.normalize else factor.expand(target.shape)
+            CF.add_contributions_(self.ema_matrix, contributions, target, scale=per_sample)
+        self.ema_scale.copy_(scale)
+        self.ema_initialised.fill_(True)
+        self._steps_since_fold += 1
+
+    @property
+    def fold_period(self) -> int:
+        """Steps between two folds of the EMA's scale into its matrix: d^period stays above 1e-100 (d = 0.9: 2184)."""
+        d = self.ema_decay
+        return 1 if d == 0.0 else max(1, int(-100.0 / math.log10(d)))
+
+    def _batch_matrix(self, contributions: Tensor | CF.Charges, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The global batch's dense direction matrix (``batch``) and its class counts; ``ema``: the counts only.
+
+        One all-reduce of K (K + 1) values under DDP (``ema`` with one process: none; its batch entries are added
+        where they fall, O(B), :meth:`_update_ema`).
         """
         k = self.num_classes
         device = target.device
         if self.confusion_source == "ema" and world_size() == 1:
             counts = CF.counts_per_class(target, k).double()
-            first = ~self.ema_initialised
-            share = torch.where(first, 1.0, 1.0 - self.ema_decay).to(counts)  # the first step takes the batch's
-            scale = share / counts.clamp_min(1.0)[target] if self.normalize else share.expand(target.shape)
-            self.ema_matrix.mul_(torch.where(first, 0.0, self.ema_decay).to(counts))
-            CF.add_contributions_(self.ema_matrix, contributions, target, scale=scale)
-            self.ema_initialised.fill_(True)
+            self._update_ema(contributions, target, counts, None)
             return self.ema_matrix, counts
         local = torch.zeros(k * k + k, dtype=torch.float64, device=device)
         CF.add_contributions_(local[: k * k].view(k, k), contributions, target)
@@ -297,9 +335,7 @@ class CSR(FairnessMethod):
         matrix = sums / counts.clamp_min(1.0) if self.normalize else sums
         if self.confusion_source == "batch":
             return matrix, counts
-        weight = torch.where(self.ema_initialised, 1.0 - self.ema_decay, 1.0)  # the first step takes the matrix
-        self.ema_matrix.lerp_(matrix, weight.to(matrix))
-        self.ema_initialised.fill_(True)
+        self._update_ema(contributions, target, counts, matrix)
         return self.ema_matrix, counts
 
     def _step_direction(self, contributions: Tensor, target: Tensor) -> tuple[Tensor | CF.SpectralDirection, Tensor]:
@@ -316,12 +352,13 @@ class CSR(FairnessMethod):
             )
         else:
             matrix, counts = self._batch_matrix(contributions, target)
+            ema = self.confusion_source == "ema"
             if not self.iterates:  # the reference: a float64 SVD (and the entry check: one host sync)
-                direction, singular = self.direction_of(matrix)
+                direction, singular = self.direction_of(self.ema_average() if ema else matrix)
                 self.direction.copy_(direction)
                 self._record_source(singular)
                 return direction, counts
-            operator = CF.DenseOperator(matrix)
+            operator = CF.DenseOperator(matrix, scalar=self.ema_scale if ema else None)
         iterations = self.power_iterations or DEFAULT_POWER_ITERATIONS[self.confusion_source]
         u, v, singular, basis = CF.top_singular_subspace(operator, self.subspace, iterations)
         self.subspace.copy_(basis)
@@ -383,3 +420,17 @@ class CSR(FairnessMethod):
             f"include_diagonal={self.include_diagonal}, rescale={self.rescale}, normalize={self.normalize}, "
             f"direction_solver={self.direction_solver!r}, power_iterations={self.power_iterations}"
         )
+
+
+def _save_ema_average(module: CSR, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Checkpoints hold the ``ema`` source's average itself (``ema_scale * ema_matrix``), as before the scale."""
+    key = prefix + "ema_matrix"
+    if key in state_dict:
+        state_dict[key] = module.ema_average().detach()
+
+
+def _load_ema_average(module: CSR, state_dict: dict, prefix: str, *args) -> None:
+    """A loaded average is the matrix itself: the scale starts at 1."""
+    if prefix + "ema_matrix" in state_dict:
+        module.ema_scale.fill_(1.0)
+        module._steps_since_fold = 0

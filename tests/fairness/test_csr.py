@@ -146,7 +146,7 @@ def test_bf16_autocast_keeps_the_svd_in_float64():
         target,
         CF.counts_per_class(target, 4),
     )
-    torch.testing.assert_close(csr.ema_matrix, matrix, rtol=1e-6, atol=1e-9)  # first EMA step = the batch matrix
+    torch.testing.assert_close(csr.ema_average(), matrix, rtol=1e-6, atol=1e-9)  # first EMA step = the batch matrix
     assert float(term) == pytest.approx(0.3 * float(torch.linalg.matrix_norm(matrix, ord=2)), rel=1e-3)
 
 
@@ -165,10 +165,47 @@ def test_ema_source_averages_batch_matrices(iterations, tolerance):
         contributions = CF.surrogate_contributions(logits, target, "kl", margin="additive").double()
         matrices.append(CF.surrogate_confusion(contributions, target, CF.counts_per_class(target, 3)))
     expected = 0.75 * (0.75 * matrices[0] + 0.25 * matrices[1]) + 0.25 * matrices[2]
-    torch.testing.assert_close(csr.ema_matrix, expected)
+    torch.testing.assert_close(csr.ema_average(), expected)
+    torch.testing.assert_close(csr.state_dict()["ema_matrix"], expected)  # checkpoints hold the average
     u, v, _ = CF.top_singular_pair(expected)
     torch.testing.assert_close(csr.direction_matrix(), torch.outer(u, v).float(), rtol=tolerance, atol=tolerance)
     assert not hasattr(csr, "direction")  # the per-step sources keep u1, v1 (top_pair), not G
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
+def test_ema_kept_with_a_lazy_scale_equals_the_plain_average_across_folds_and_checkpoints(monkeypatch, decay):
+    """M = s A with the decay on s: over folds every 3 steps (patched period) and a checkpoint load after step 5, the
+    average equals M <- d M + (1 - d) L_batch computed directly, and its direction the SVD's."""
+    monkeypatch.setattr(CSR, "fold_period", property(lambda self: 3))
+    torch.manual_seed(0)
+    k = 4
+    csr = CSR(form="paper", confusion_source="ema", ema_decay=decay, power_iterations=30)
+    csr.bind(k)
+    expected = None
+    for step in range(10):
+        if step == 5:  # a resumed run: the checkpoint holds the average; the scale starts again at 1
+            state = csr.state_dict()
+            csr = CSR(form="paper", confusion_source="ema", ema_decay=decay, power_iterations=30)
+            csr.bind(k)
+            csr.load_state_dict(state)
+            assert float(csr.ema_scale) == 1.0
+        logits, target = torch.randn(16, k), torch.randint(0, k, (16,))
+        csr.loss_adjustment(output_for(logits, target), target)
+        contributions = CF.surrogate_contributions(logits, target, "kl", margin="additive").double()
+        batch = CF.surrogate_confusion(contributions, target, CF.counts_per_class(target, k))
+        expected = batch if expected is None else decay * expected + (1.0 - decay) * batch
+        torch.testing.assert_close(csr.ema_average(), expected)
+    if decay > 0:
+        assert float(csr.ema_scale) < 1.0  # the scale, not a pass over the matrix, carried the decay
+    u, v, _ = CF.top_singular_pair(expected)
+    torch.testing.assert_close(csr.direction_matrix(), torch.outer(u, v).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_ema_fold_period_keeps_the_scale_far_from_underflow():
+    for decay in (1e-3, 0.5, 0.9, 0.99, 0.999):
+        period = CSR(confusion_source="ema", ema_decay=decay).fold_period
+        assert period >= 1 and decay**period >= 1e-101
+    assert CSR(confusion_source="ema", ema_decay=0.9).fold_period == 2185
 
 
 def test_code_form_with_a_kl_surrogate_takes_g_from_the_kl_matrix():
