@@ -1,7 +1,7 @@
 """Functional core of the confusional spectral regulariser (CSR).
 
 Jin, Wu, Liu, Huang, Mu, "Enhancing Robust Fairness via Confusional Spectral Regularization",
-ICLR 2025 (arXiv 2501.13273); the behaviour follows ``docs/method.md`` §1-2.
+ICLR 2025 (arXiv 2501.13273); the behaviour follows ``docs/explanation/method.md`` §1-2.
 
 * :func:`robust_confusion_matrix` - C (K x K), rows = predicted, columns = true class, zero diagonal
   (:func:`confusion_from_predictions` builds the same C from predicted labels).
@@ -35,7 +35,7 @@ from confspec_lightning.losses import cross_entropy
 from confspec_lightning.validation import check_choice, check_int, check_real
 
 Margin = Literal["relative", "additive"]
-#: What a sample charges to its confusion cell (docs/method.md, "CSR: the paper's form").
+#: What a sample charges to its confusion cell (docs/explanation/method.md §3).
 Surrogate = Literal["counts", "kl", "soft"]
 
 
@@ -119,7 +119,7 @@ def robust_confusion_matrix(
     C[i, j] (i != j) = number of class-j samples predicted as i (after the margin, see
     :func:`margin_predictions`); C[j, j] = 0. With ``normalize`` each column is divided by the
     number of class-j samples, so column sums are the class-wise error rates and ||C||_1 is the
-    worst-class error (docs/method.md §1).
+    worst-class error (docs/explanation/method.md §1).
 
     Returns:
         float32 tensor (K, K).
@@ -132,7 +132,7 @@ def robust_confusion_matrix(
 def confusion_from_predictions(pred: Tensor, target: Tensor, num_classes: int, normalize: bool = False) -> Tensor:
     """Robust confusion matrix C from predicted labels (e.g. predictions on adversarial inputs).
 
-    C[i, j] (i != j) = number of class-j samples predicted as i, C[j, j] = 0 (docs/method.md §1); with
+    C[i, j] (i != j) = number of class-j samples predicted as i, C[j, j] = 0 (docs/explanation/method.md §1); with
     ``normalize`` each column is divided by the number of class-j samples (per-class error rates).
 
     Args:
@@ -456,7 +456,7 @@ def csr_weights(
     include_diagonal: bool = True,
     pred: Tensor | None = None,
 ) -> Tensor:
-    """Per-sample CSR weights w_k = G[yhat_k, y_k], yhat_k = argmax f(x_adv_k) (docs/method.md §2).
+    """Per-sample CSR weights w_k = G[yhat_k, y_k], yhat_k = argmax f(x_adv_k) (docs/explanation/method.md §2).
 
     With ``include_diagonal=False`` (paper form) correctly classified samples get weight 0; with
     ``True`` (authors' code) they get G[y_k, y_k].
@@ -672,7 +672,8 @@ def kendall_tau(a: Tensor, b: Tensor) -> float:
 
     tau_b = (n_c - n_d) / sqrt((n_0 - n_1) (n_0 - n_2)) over the pairs i < j, with n_c / n_d the
     concordant / discordant pairs, n_0 = n (n - 1) / 2 and n_1, n_2 the pairs tied in ``a``, in ``b``.
-    Equivalently sum_{i<j} s^a_ij s^b_ij / sqrt(sum_{i<j} |s^a_ij| sum_{i<j} |s^b_ij|), s^a_ij = sign(a_i - a_j).
+    Equivalently ``sum_{i<j} s^a_ij s^b_ij / sqrt(sum_{i<j} |s^a_ij| sum_{i<j} |s^b_ij|)``,
+    ``s^a_ij = sign(a_i - a_j)``.
 
     Entries where either vector is NaN are dropped (pairwise). Returns NaN with fewer than 2 points left
     or when a vector is constant. Pure torch, float64, O(n^2) memory (meant for per-class vectors).

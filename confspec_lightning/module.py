@@ -277,7 +277,7 @@ class RobustFairLitModule(pl.LightningModule):
         self.compile_mode: CompileMode | None = compile_mode if compile else None
         self.compile_backend = compile_backend
         # the training-set robust confusion, from the adversarial predictions training makes (free); its
-        # diagnostics are logged at every validation (train/confusion_*), see docs/method.md
+        # diagnostics are logged at every validation (train/confusion_*), see docs/explanation/method.md
         self.train_confusion = RobustConfusionMatrix(num_classes)
         self.train_confusion.persistent(True)
         self._diagnosed_step = -1  # the global step of the last train_confusion_diagnostics

@@ -33,7 +33,7 @@ def test_recipes_are_shipped_as_bases_and_overlays():
     finetune = ["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat", "dafa", "trades_awp_csr"]
     assert {f"cifar10/finetune_{m}" for m in finetune} <= names
     public = {"cifar10/finetune_trades_csr_from_trades_wrn", "cifar10/finetune_trades_csr_from_robustbench"}
-    assert public <= names  # docs/public-models.md
+    assert public <= names  # docs/how-to/public-models.md
     assert {"audit/robustbench_cifar10", "audit/checkpoint_cifar10"} <= set(config_files())
     # every shipped file is a base, an overlay of some recipe, or a stand-alone audit config
     used = {f.removesuffix(".yaml") for files in recipes().values() for f in files}

@@ -1,4 +1,4 @@
-"""Reference checks of the CSR math on hand-computed cases (docs/method.md §1-2)."""
+"""Reference checks of the CSR math on hand-computed cases (docs/explanation/method.md §1-2)."""
 
 from __future__ import annotations
 

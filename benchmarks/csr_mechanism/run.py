@@ -1,4 +1,4 @@
-"""Gradient-alignment check of CSR's surrogates (docs/method.md, "Does the surrogate follow the discrete matrix?").
+"""Gradient-alignment check of CSR's surrogates (docs/explanation/method.md, "Mechanism diagnostics").
 
 For a trained model (a ``confspec fit`` checkpoint and its config) and a probe set (the validation split),
 with fixed adversarial examples (the config's evaluation PGD, seeded):

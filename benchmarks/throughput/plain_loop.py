@@ -1,7 +1,7 @@
 """A plain PyTorch training step in the manner of the TRADES/CSR authors' scripts: the reference for timing.
 
 It follows the public recipes (Zhang et al. 2019 TRADES ``trades.py``; the CSR authors' fine-tuning
-script) as a user would copy them, written here from their description in ``docs/method.md``:
+script) as a user would copy them, written here from their description in ``docs/explanation/method.md``:
 
 * attack: model.eval(); x_adv = x + 0.001 N(0, 1); ``steps`` times: loss_kl = KL(log_softmax(f(x_adv)),
   softmax(f(x))) summed over the batch, grad = autograd.grad(loss_kl, x_adv), signed step, projection;

@@ -2,7 +2,7 @@
 
 Standard AutoAttack runs APGD-CE, APGD-T (targeted DLR), FAB-T and Square, each on the points the previous
 ones did not break; a point counts as robust only if it survives all four. The standard version with
-l_inf eps = 8/255 is the headline robustness number of docs/method.md §8.
+l_inf eps = 8/255 is the headline robustness number of docs/explanation/method.md §8.
 """
 
 from __future__ import annotations

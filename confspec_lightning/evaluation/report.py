@@ -179,7 +179,7 @@ class Divergence:
 
 @dataclass
 class EvaluationReport:
-    """Per-class evaluation of one model on one split under several attacks (``docs/method.md``, "Evaluation").
+    """Per-class evaluation of one model on one split under several attacks (``docs/explanation/method.md`` §8).
 
     ``attacks`` maps an attack name to its :class:`ClasswiseResult`, in the order given, weakest first: the
     last attack other than ``clean`` is taken as the strongest (its confusion matrix is plotted).

@@ -51,7 +51,7 @@ def start_model_line(module: RobustFairLitModule, clean: ClasswiseResult, robust
     if clean.avg <= 1.5 * chance:
         line += (
             f". The clean accuracy is near chance ({100 * chance:.1f} %): is the input convention right? "
-            "See model.init_args.input_normalization (docs/public-models.md)."
+            "See model.init_args.input_normalization (docs/how-to/public-models.md)."
         )
     return line
 

@@ -1,7 +1,7 @@
 """Class-wise calibrated fair adversarial training (CFA; Wei et al., CVPR 2023).
 
 With R_c the previous epoch's training robust accuracy of class c (the accuracy on the adversarial
-examples training made, summed over ranks), from epoch ``warmup_epochs`` on (docs/method.md §7):
+examples training made, summed over ranks), from epoch ``warmup_epochs`` on (docs/explanation/method.md §7):
 
 * class-wise budget: eps_c = (lambda_eps + R_c) eps, step_c = eps_c * (step / eps);
 * class-wise TRADES weight: beta_c = (lambda_beta + R_c) beta, loss (1 - b_c) CE + b_c KL with

@@ -1,6 +1,6 @@
 """Confusional spectral regularisation (CSR; Jin et al., ICLR 2025), as a composable fairness method.
 
-Two forms (``docs/method.md``, "CSR"), selected by ``form``:
+Two forms (``docs/explanation/method.md``, "CSR"), selected by ``form``:
 
 * ``code`` (the authors' code, default): with a base objective whose classification term is ``"ce"``,
 

@@ -1,6 +1,6 @@
 """Fairness-aware adversarial learning (FAAL; Zhang et al., 2024): KL-constrained per-batch class weights.
 
-Per batch (docs/method.md §7): margins m_i = max_{k != y_i} p_k(x_adv_i) - p_{y_i}(x_adv_i); with
+Per batch (docs/explanation/method.md §7): margins m_i = max_{k != y_i} p_k(x_adv_i) - p_{y_i}(x_adv_i); with
 a_c = sum_{i: y_i = c} m_i = n_c M_c, the class weights solve
 
     max_q  sum_c a_c q_c   subject to  KL(uniform || q) <= r,  q on the simplex.

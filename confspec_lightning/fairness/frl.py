@@ -1,6 +1,6 @@
 """Fair Robust Learning (FRL; Xu et al., ICML 2021): reweight (RW) and reweight + remargin (RWRM).
 
-Before every epoch, on the validation split (docs/method.md §7), per class c:
+Before every epoch, on the validation split (docs/explanation/method.md §7), per class c:
 clean error e_nat[c] and boundary error e_bndy[c] = clean acc[c] - PGD-20 acc[c]; violations
 g = e - mean(e) - tau. Multipliers (all 0 at the start):
 

@@ -1,6 +1,6 @@
 """Worst-class adversarial training (WAT; Li & Liu, 2023): exponential weights on validation losses.
 
-After every epoch (docs/method.md §7), the base objective's per-sample loss (TRADES: CE + beta KL,
+After every epoch (docs/explanation/method.md §7), the base objective's per-sample loss (TRADES: CE + beta KL,
 with its own attack; PGD-AT: CE on PGD) is averaged per class on the validation split, plus one
 "average" entry over all samples; these K + 1 numbers are added to a cumulative vector C_v. Weights
 
