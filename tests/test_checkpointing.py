@@ -291,8 +291,11 @@ def _records(out: Path, rank: int = 0) -> list[dict]:
 
 
 def _classwise(out: Path) -> dict:
+    """The last validation report, without its ``environment`` (the commit can move between the two runs)."""
     reports = sorted((out / "runs").glob("*/version_*/classwise_val.json"), key=lambda p: p.parent.name)
-    return json.loads(reports[-1].read_text())
+    report = json.loads(reports[-1].read_text())
+    assert report.pop("environment")["torch"] == torch.__version__
+    return report
 
 
 def _assert_same_end(method: str, reference: Path, resumed: Path, rank: int = 0) -> None:
