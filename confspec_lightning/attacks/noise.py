@@ -68,11 +68,11 @@ class SampleNoise:
         return hash32(key[:, None] ^ positions[None, :]).reshape(index.shape[0], *shape)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """(B, *shape) values in [0, 1) (multiples of 2^-24)."""
+        """``(B, *shape)`` values in [0, 1) (multiples of 2^-24)."""
         return ((self._bits(shape, device) >> 8).to(torch.float32) * 2.0**-24).to(dtype)
 
     def normal(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """(B, *shape) standard normal values (Box-Muller on two uniform draws)."""
+        """``(B, *shape)`` standard normal values (Box-Muller on two uniform draws)."""
         u1 = ((self._bits(shape, device) >> 8).to(torch.float32) + 0.5) * 2.0**-24  # in (0, 1)
         u2 = (self._bits(shape, device) >> 8).to(torch.float32) * 2.0**-24
         return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
