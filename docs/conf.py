@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -38,7 +39,7 @@ myst_heading_anchors = 3
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_class_signature = "separated"
+autodoc_class_signature = "mixed"
 autodoc_preserve_defaults = True
 autodoc_inherit_docstrings = False  # Lightning's own docstrings (Trainer, LightningModule hooks) are not ours to render
 napoleon_google_docstring = True
@@ -200,9 +201,20 @@ def _keep_attribute_text(app, what, name, obj, options, lines) -> None:
         saved[id(lines)] = list(lines)
 
 
+def _dataclass_defaults(app, what, name, obj, options, signature, return_annotation):
+    """Show a dataclass field's default factory as a call (``dict()``), not as ``<factory>``, which no parser reads."""
+    if not signature or "<factory>" not in signature or not dataclasses.is_dataclass(obj):
+        return None
+    for field in dataclasses.fields(obj):
+        if field.init and field.default_factory is not dataclasses.MISSING:
+            signature = signature.replace("<factory>", f"{getattr(field.default_factory, '__name__', 'factory')}()", 1)
+    return signature, return_annotation
+
+
 def setup(app) -> None:
     """Connect the hooks above."""
     app.connect("missing-reference", _resolve_internal)
     app.connect("autodoc-process-bases", _public_bases)
+    app.connect("autodoc-process-signature", _dataclass_defaults)
     app.connect("autodoc-process-docstring", _keep_attribute_text, priority=400)
     app.connect("autodoc-process-docstring", _keep_attribute_text, priority=600)
