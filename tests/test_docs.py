@@ -1,7 +1,8 @@
 """The README and the documentation are tested like code: their links point at files, their examples run.
 
 * Every relative link of ``README.md`` and ``docs/**/*.md`` (Markdown links and images, MyST figures, images,
-  literal includes, downloads, ``{doc}`` references and toctree entries) names a file that exists.
+  literal includes, downloads, ``{doc}`` references and toctree entries) names a file that exists, and so does
+  every repository path written as inline code (``tests/test_ddp.py``).
 * Every ```` ```python ```` block runs, in a temporary directory, the blocks of one page in order in one namespace;
   a block preceded by the line ``<!-- norun -->`` is shown only (e.g. paths that exist after a training run). The
   README's Lightning example runs in ``tests/test_readme.py``.
@@ -129,6 +130,24 @@ def test_link_check_sees_links_and_catches_a_broken_one(tmp_path):
     (tmp_path / "exists.md").write_text("")
     found = {raw: path.exists() for raw, path in link_targets(page)}
     assert found == {"exists.md#part": True, "missing.png": False, "other": False, "fig.png": False}
+
+
+REPO_PATH = re.compile(r"(?<![}\w])`((?:tests|benchmarks|confspec_lightning|configs|docs)/[\w./-]+)`")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "changelog.md"], ids=page_id)  # it names old paths
+def test_repository_paths_in_the_text_exist(page, monkeypatch):
+    """A file named in inline code (`tests/test_ddp.py`, `benchmarks/fairness/RESULTS.md`) exists, or is a shipped
+    config by its 0.1 path (`configs/digits/trades_csr.yaml` still resolves)."""
+    monkeypatch.chdir(ROOT)
+    missing = []
+    for path in REPO_PATH.findall(prose(page, inline_code=True)):
+        if not (ROOT / path).exists():
+            try:
+                resolve_config_args(["--config", path])
+            except FileNotFoundError:
+                missing.append(path)
+    assert not missing, f"{page_id(page)} names files that do not exist: {missing}"
 
 
 def runnable(page: Path) -> list[str]:
