@@ -25,7 +25,7 @@ $(DOCS_STAMP): pyproject.toml
 	touch $(DOCS_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/confspec fit --config digits/trades_csr
+	$(BIN)/confspec-demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check confspec_lightning tests benchmarks
