@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (each creates .venv and installs what it needs):
-#   make demo   - robust + class-fair training (TRADES + CSR) on the embedded digits data set
+#   make demo   - TRADES and TRADES + CSR side by side, per class, on the embedded digits data set
 #   make test   - lint and the whole test suite
 #   make docs   - the documentation site (docs/ -> docs/_build/html), warnings as errors
 PYTHON ?= python3
