@@ -480,7 +480,7 @@ def selected_runs(args: argparse.Namespace) -> list[tuple[str, str, Path, tuple[
         for seed in seeds:
             for method in methods:
                 directory = args.runs_root / protocol / f"{method}_seed{seed}"
-                runs.append((f"{method}_seed{seed}", args.sweep, directory, (protocol, method, seed)))
+                runs.append((f"{args.sweep}/{method}_seed{seed}", args.sweep, directory, (protocol, method, seed)))
     for item in args.runs:
         if "=" not in item:
             raise SystemExit(f"--runs: {item!r} is not NAME=RUN_DIR")
