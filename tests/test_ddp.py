@@ -11,13 +11,13 @@ import torch
 
 from confspec_lightning.evaluation.report import CLEAN, EvaluationReport
 
-from helpers import run_confspec, run_confspec_in_process
+from helpers import ROOT, launch_ranks, run_confspec, run_confspec_in_process, run_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
-def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) -> tuple[dict, dict]:
-    """Fit digits/pgdat_csr.yaml (or TRADES with the ``fairness`` YAML list) with 1 or 2 processes."""
+def fit_args(save_dir, processes: int, source: str, fairness: str | None = None) -> list[str]:
+    """``fit`` digits/pgdat_csr.yaml (or TRADES with the ``fairness`` YAML list) on 1 or 2 processes, in save_dir."""
     global_batch = 32
     args = [
         "fit",
@@ -33,6 +33,9 @@ def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) 
         f"--trainer.logger.init_args.save_dir={save_dir}",
         "--data.init_args.shuffle=false",
         f"--data.init_args.batch_size={global_batch // processes}",
+        # 90 validation images (9 per class) in 2 batches of different sizes, one per rank on 2 processes
+        "--data.init_args.val_fraction=0.05",
+        "--data.init_args.eval_batch_size=64",
         "--model.init_args.train_attack.steps=3",
         "--model.init_args.train_attack.random_start=false",
         "--model.init_args.eval_attack.steps=3",
@@ -47,17 +50,38 @@ def run_fit(save_dir, processes: int, source: str, fairness: str | None = None) 
     else:
         args.append("--model.init_args.objective=trades")
     config.write_text("model:\n  init_args:\n    fairness:\n" + fairness)
-    args += ["--config", str(config)]
-    if processes == 1:  # the reference: in this process (one intra-op thread, as each DDP rank has)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            proc = run_confspec_in_process(*args, cwd=save_dir)
-        finally:
-            torch.set_num_threads(threads)
-    else:  # Lightning's DDP launcher starts the second rank as a new process
-        proc = run_confspec(*args, cwd=save_dir, env={"OMP_NUM_THREADS": "1"})
+    return [*args, "--config", str(config)]
+
+
+def run_fit(save_dir, source: str, fairness: str | None = None) -> tuple[dict, dict]:
+    """The one-process reference of :func:`fit_args`, in this process (one intra-op thread, as each DDP rank has)."""
+    args = fit_args(save_dir, 1, source, fairness)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        proc = run_confspec_in_process(*args, cwd=save_dir)
+    finally:
+        torch.set_num_threads(threads)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return read_fit(save_dir)
+
+
+def ddp_fit(tmp_path_factory, name: str) -> tuple[dict, dict]:
+    """The 2-process fit ``DDP_FITS[name]``. Every fit of ``DDP_FITS`` runs in ONE torchrun-style job of
+    ``tests/ddp_fits.py`` (2 ranks, once per test session: the interpreters' start-up paid once for all of them);
+    Lightning's own launcher starts the ranks of the evaluation tests below."""
+
+    def job(out: Path) -> None:
+        commands = out / "commands.json"
+        commands.write_text(json.dumps([fit_args(out / key, 2, *DDP_FITS[key]) for key in DDP_FITS]))
+        args = ["--out", str(out), "--timeout", "900", str(commands)]
+        launch_ranks(ROOT / "tests" / "ddp_fits.py", 2, out, args, timeout=900)
+
+    return read_fit(run_once(tmp_path_factory, "ddp_state_equality_fits", job) / name)
+
+
+def read_fit(save_dir) -> tuple[dict, dict]:
+    """The last checkpoint's state dict and the last validation report's per-class numbers."""
     run_dir = save_dir / "digits_pgdat_csr/version_0"
     state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     return state, validation_arrays(run_dir / "classwise_val.json")
@@ -92,18 +116,18 @@ def assert_csr_equal(single_state: dict, ddp_state: dict, index: int, counts: in
 
 def assert_reports_equal(single_report: dict, ddp_report: dict) -> None:
     """The logged per-class metrics (validation split, synchronised over ranks)."""
-    assert sum(ddp_report["class_counts"]) == sum(single_report["class_counts"]) == 270
+    assert sum(ddp_report["class_counts"]) == sum(single_report["class_counts"]) == 90
     for key in ("class_counts", "clean_acc", "robust_acc", "confusion"):
         torch.testing.assert_close(torch.tensor(ddp_report[key]), torch.tensor(single_report[key]), msg=key)
     assert ddp_report["confusion_spectral_norm"] == pytest.approx(single_report["confusion_spectral_norm"])
 
 
-def test_ddp_two_processes_equal_one_process_epoch_pass(tmp_path):
+def test_ddp_two_processes_equal_one_process_epoch_pass(tmp_path, tmp_path_factory):
     """CSR's direction from a separate pass over the training set at each epoch start (code form, PGD-AT).
 
     The ``streaming`` source (the training batches' own predictions) is the ``dafa_csr`` stack below."""
-    single_state, single_report = run_fit(tmp_path / "single", 1, "epoch_pass")
-    ddp_state, ddp_report = run_fit(tmp_path / "ddp", 2, "epoch_pass")
+    single_state, single_report = run_fit(tmp_path / "single", "epoch_pass")
+    ddp_state, ddp_report = ddp_fit(tmp_path_factory, "epoch_pass")
     assert_csr_equal(single_state, ddp_state, 0, counts=4 * 32)
     assert_reports_equal(single_report, ddp_report)
 
@@ -129,9 +153,9 @@ BASELINE_STACKS = {
 
 
 @pytest.mark.parametrize("stack", list(BASELINE_STACKS))
-def test_ddp_baseline_state_equals_one_process(tmp_path, stack):
-    single_state, single_report = run_fit(tmp_path / "single", 1, "", BASELINE_STACKS[stack])
-    ddp_state, ddp_report = run_fit(tmp_path / "ddp", 2, "", BASELINE_STACKS[stack])
+def test_ddp_baseline_state_equals_one_process(tmp_path, tmp_path_factory, stack):
+    single_state, single_report = run_fit(tmp_path / "single", "", BASELINE_STACKS[stack])
+    ddp_state, ddp_report = ddp_fit(tmp_path_factory, stack)
     keys = [k for k in single_state if k.startswith("fairness.")]
     assert keys and set(keys) == {k for k in ddp_state if k.startswith("fairness.")}
     for key in keys:
@@ -167,26 +191,36 @@ PAPER_FORMS = {
 }
 
 
-@pytest.mark.parametrize("source", list(PAPER_FORMS))
-def test_ddp_paper_form_gradient_and_state_equal_one_process(tmp_path, source):
-    """The paper form's penalty is a function of the global batch: 2 ranks train the single process's weights."""
-    single_state, _ = run_fit(tmp_path / "single", 1, "", PAPER_FORMS[source])
-    ddp_state, _ = run_fit(tmp_path / "ddp", 2, "", PAPER_FORMS[source])
-    weights = [k for k in single_state if k.startswith("net.")]
-    assert weights
-    for key in weights:
-        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=key)
-    # the solver's warm start (subspace) is an iterate: its second column, the sign and direction of an estimate of the
-    # second singular vector, may differ by round-off; the top pair itself (top_pair) is compared
-    for key in [k for k in single_state if k.startswith("fairness.") and not k.endswith(".subspace")]:
-        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-6, msg=key)
-    assert "fairness.0.top_pair" in single_state
-    if source == "ema":
-        assert single_state["fairness.0.ema_matrix"].abs().sum() > 0
-    # the penalty changed the training: without it (alpha 0) the weights differ
-    plain = PAPER_FORMS[source].replace("alpha: 1.0", "alpha: 0.0")
-    plain_state, _ = run_fit(tmp_path / "plain", 1, "", plain)
-    assert any(not torch.allclose(plain_state[k], single_state[k], rtol=1e-4, atol=1e-5) for k in weights)
+def test_ddp_paper_form_gradient_and_state_equal_one_process(tmp_path, tmp_path_factory):
+    """The paper form's penalty is a function of the global batch: 2 ranks train the single process's weights, for
+    each source of the matrix (``PAPER_FORMS``); one run without the penalty (alpha 0: the same training for every
+    source) shows that the penalty changed the weights of each."""
+    plain = PAPER_FORMS["batch"].replace("alpha: 1.0", "alpha: 0.0")
+    plain_state, _ = run_fit(tmp_path / "plain", "", plain)
+    for source, stack in PAPER_FORMS.items():
+        single_state, _ = run_fit(tmp_path / source, "", stack)
+        ddp_state, _ = ddp_fit(tmp_path_factory, f"paper_{source}")
+        weights = [k for k in single_state if k.startswith("net.")]
+        assert weights
+        for key in weights:
+            torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=f"{source} {key}")
+        # the solver's warm start (subspace) is an iterate: its second column, the sign and direction of an estimate of
+        # the second singular vector, may differ by round-off; the top pair itself (top_pair) is compared
+        for key in [k for k in single_state if k.startswith("fairness.") and not k.endswith(".subspace")]:
+            torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-6, msg=f"{source} {key}")
+        assert "fairness.0.top_pair" in single_state
+        if source == "ema":
+            assert single_state["fairness.0.ema_matrix"].abs().sum() > 0
+        # the penalty changed the training: without it (alpha 0) the weights differ
+        assert any(not torch.allclose(plain_state[k], single_state[k], rtol=1e-4, atol=1e-5) for k in weights), source
+
+
+#: the 2-process fits of the tests above (name: the source and fairness list of :func:`fit_args`), one job
+DDP_FITS = {
+    "epoch_pass": ("epoch_pass", None),
+    **{stack: ("", fairness) for stack, fairness in BASELINE_STACKS.items()},
+    **{f"paper_{source}": ("", fairness) for source, fairness in PAPER_FORMS.items()},
+}
 
 
 # ------------------------------------------------- evaluation on several processes = one process, exactly
@@ -223,12 +257,12 @@ def run(processes: int, *args: str, cwd) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-def test_ddp_test_and_predict_equal_one_process_exactly(tmp_path):
-    """One checkpoint, tested on 1 and 2 processes: every image counted once (no padding), each image's PGD
-    start drawn from its index, AutoAttack seeded by the batch's number in one process's pass: identical reports;
-    predict on 2 processes writes one predictions.csv, identical to one process's."""
-    fit = tmp_path / "fit"
-    run(1, "fit", *eval_args(fit, 1), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", cwd=fit)
+def test_ddp_test_and_predict_equal_one_process_exactly(tmp_path, tmp_path_factory):
+    """One checkpoint (the one-process fit of the next test), tested on 1 and 2 processes: every image counted once
+    (no padding), each image's PGD start drawn from its index, AutoAttack seeded by the batch's number in one
+    process's pass: identical reports; predict on 2 processes writes one predictions.csv, identical to one
+    process's."""
+    fit = one_process_fit(tmp_path_factory)
     checkpoint = tmp_path / "model.ckpt"  # a file outside any run: each evaluation opens a run of its own under out/
     shutil.copy(next(fit.glob("*/version_0/checkpoints/last.ckpt")), checkpoint)
     # 3 processes (uneven shards, a rank with a placeholder batch): test_ddp_fit_validation_and_best_checkpoint_...
@@ -251,18 +285,32 @@ def test_ddp_test_and_predict_equal_one_process_exactly(tmp_path):
 AWP_ON = "--model.init_args.weight_perturbation={gamma: 0.01}"
 
 
-def test_ddp_fit_validation_and_best_checkpoint_equal_one_process(tmp_path):
+def evaluated_fit_args(out, processes: int) -> list[str]:
+    """2 epochs of 3 batches, no shuffle, deterministic training attack, a global batch of 48 split evenly, AWP on."""
+    args = [*eval_args(out, processes), "--trainer.max_epochs=2", "--trainer.limit_train_batches=3"]
+    args += [f"--data.init_args.batch_size={48 // processes}", "--data.init_args.shuffle=false"]
+    args += ["--model.init_args.train_attack.steps=2", "--model.init_args.train_attack.random_start=false"]
+    return [*args, "--trainer.enable_progress_bar=false", AWP_ON]
+
+
+def one_process_fit(tmp_path_factory) -> Path:
+    """The one-process fit of :func:`evaluated_fit_args`, run once for this module's tests (its working directory)."""
+    return run_once(
+        tmp_path_factory, "ddp_one_process_fit", lambda out: run(1, "fit", *evaluated_fit_args(out, 1), cwd=out)
+    )
+
+
+def test_ddp_fit_validation_and_best_checkpoint_equal_one_process(tmp_path, tmp_path_factory):
     """2 and 3 processes train the single process's model (no shuffle, deterministic training attack, a global batch
     of 48 split evenly, AWP on); validation, with its random starts, gives the same per-class history and best
     checkpoint."""
     histories = {}
     for processes in (1, 2, 3):
-        out = tmp_path / f"fit{processes}"
-        args = [*eval_args(out, processes), "--trainer.max_epochs=2", "--trainer.limit_train_batches=3"]
-        args += [f"--data.init_args.batch_size={48 // processes}", "--data.init_args.shuffle=false"]
-        args += ["--model.init_args.train_attack.steps=2", "--model.init_args.train_attack.random_start=false"]
-        args += ["--trainer.enable_progress_bar=false", AWP_ON]
-        run(processes, "fit", *args, cwd=out)
+        if processes == 1:
+            out = one_process_fit(tmp_path_factory)
+        else:
+            out = tmp_path / f"fit{processes}"
+            run(processes, "fit", *evaluated_fit_args(out, processes), cwd=out)
         run_dir = next(out.glob("*/version_0"))
         report = json.loads((run_dir / "classwise_val.json").read_text())
         state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
