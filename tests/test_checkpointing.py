@@ -82,7 +82,7 @@ WRITER = textwrap.dedent(
         time.sleep(600)
 
     good = torch.load(target, weights_only=True)  # the good checkpoint loads
-    state = {"state_dict": {"w": torch.full((16 * 2**20,), 7.0)}, "epoch": good["epoch"] + 1}  # 64 MB
+    state = {"state_dict": {"w": torch.full((2 * 2**20,), 7.0)}, "epoch": good["epoch"] + 1}  # 8 MB
     if mode == "pickling":  # killed before a byte of the new checkpoint is written
         class Stall:
             def __reduce__(self):
@@ -94,8 +94,8 @@ WRITER = textwrap.dedent(
             def __init__(self, handle):
                 self.handle, self.written = handle, 0
             def write(self, data):
-                if self.written + len(data) > 32 * 2**20:
-                    self.handle.write(bytes(data)[: 32 * 2**20 - self.written + 1024])
+                if self.written + len(data) > 4 * 2**20:
+                    self.handle.write(bytes(data)[: 4 * 2**20 - self.written + 1024])
                     self.handle.flush()
                     stop_here()
                 self.written += len(data)
@@ -140,9 +140,9 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_intact(kill_
     assert loaded["epoch"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.arange(5.0))
     size = temporaries[0].stat().st_size
     if kill_point == "mid-write":
-        assert 32 * 2**20 < size < 64 * 2**20  # a truncated new checkpoint, left aside
+        assert 4 * 2**20 < size < 8 * 2**20  # a truncated new checkpoint, left aside
     elif kill_point == "before-rename":
-        assert size > 64 * 2**20
+        assert size > 8 * 2**20
     assert sorted(p.name for p in target.parent.glob("*.ckpt")) == ["last.ckpt"]
 
 
@@ -227,8 +227,10 @@ def _fit(method: str, out: Path, *extra: str, devices: int = 1) -> subprocess.Po
     args = [
         *("fit", "--config", config),
         *("--trainer.accelerator", "cpu", "--trainer.max_epochs", "3", "--trainer.devices", str(devices)),
-        *(("--trainer.strategy", "ddp", "--data.init_args.batch_size", "32") if devices > 1 else ()),
-        *("--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "1"),
+        *(("--trainer.strategy", "ddp") if devices > 1 else ()),
+        # the recipe's batch of 64 halved (the same steps, half the work); one validation batch of 64 images
+        *("--data.init_args.batch_size", str(32 // devices), "--data.init_args.eval_batch_size", "64"),
+        *("--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1"),
         *("--trainer.deterministic", "true", "--trainer.enable_progress_bar", "false"),
         *("--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(out / "runs")),
         *("--model.init_args.train_attack.steps", "2", "--model.init_args.eval_attack.steps", "2"),
@@ -301,7 +303,7 @@ def _classwise(out: Path) -> dict:
 def _assert_same_end(method: str, reference: Path, resumed: Path, rank: int = 0) -> None:
     a = torch.load(reference / f"final{rank}.pt", weights_only=True)
     b = torch.load(resumed / f"final{rank}.pt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 18 and a["epoch"] == b["epoch"]
+    assert a["global_step"] == b["global_step"] == 12 and a["epoch"] == b["epoch"]
     assert a["model"].keys() == b["model"].keys()
     for key in METHODS[method][1]:
         assert key in a["model"]  # the method's state is compared below
@@ -326,11 +328,11 @@ def test_preemption_signal_saves_mid_epoch_and_the_resumed_fit_equals_an_uninter
     out = tmp_path / "preempted"
     assert _interrupt(method, out, sig) == PREEMPTION_EXIT_CODE
     log = (out / "log.txt").read_text()
-    assert f"{sig.name} received: saved" in log and "global step 9" in log
+    assert f"{sig.name} received: saved" in log and "global step 7" in log
     last = next((out / "runs").glob("*/version_0/checkpoints/last.ckpt"))
     state = torch.load(last, weights_only=True)
-    assert state["global_step"] == 9 and state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 1, "batches": 3, "batch_size": 64}
+    assert state["global_step"] == 7 and state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 3, "batch_size": 32}
     ]
     assert len(state["confspec_rng_states"]) == 1
     _finish(_fit(method, out, "--ckpt_path", "last"), out)
@@ -357,7 +359,7 @@ def test_sigterm_during_validation_exits_at_the_next_epoch_start_and_resumes_exa
     out = tmp_path / "preempted"
     assert _interrupt("csr", out, signal.SIGTERM, at="validation") == PREEMPTION_EXIT_CODE
     assert "the epoch-end checkpoint is current" in (out / "log.txt").read_text()
-    assert [(r["epoch"], r["batch"]) for r in _records(out)][-1] == (1, 5)  # epoch 2 not started
+    assert [(r["epoch"], r["batch"]) for r in _records(out)][-1] == (1, 3)  # epoch 2 not started
     _finish(_fit("csr", out, "--ckpt_path", "last"), out)
     assert _records(out) == _records(reference)
     _assert_same_end("csr", reference, out)
@@ -398,8 +400,8 @@ def test_ddp_sigterm_to_rank_zero_saves_on_both_ranks_and_the_resumed_fit_equals
     out = tmp_path / "preempted"
     assert _interrupt("csr", out, signal.SIGTERM, batch=1, devices=2) == PREEMPTION_EXIT_CODE
     state = torch.load(next((out / "runs").glob("*/version_0/checkpoints/last.ckpt")), weights_only=True)
-    assert state["global_step"] == 8 and len(state["confspec_rng_states"]) == 2
-    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2, "batch_size": 32}]
+    assert state["global_step"] == 6 and len(state["confspec_rng_states"]) == 2
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2, "batch_size": 16}]
     _finish(_fit("csr", out, "--ckpt_path", "last", devices=2), out)
     for rank in (0, 1):
         assert _records(out, rank) == _records(reference, rank)
