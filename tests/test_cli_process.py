@@ -1,5 +1,8 @@
 """The command line as real processes: predictions, recipes by name, --version without torch, quiet output,
 the wheel's contents.
+
+A fit and the command that reads its checkpoint run one after another in one process
+(:func:`helpers.run_confspec_sequence`: the real stdout and stderr of each, one interpreter start-up).
 """
 
 from __future__ import annotations
@@ -13,22 +16,22 @@ import zipfile
 
 import pytest
 
-from helpers import CLI_QUICK, ROOT, assert_one_paragraph, run_confspec
+from helpers import CLI_QUICK, ROOT, assert_one_paragraph, run_confspec, run_confspec_sequence
 
 
 # ---------------------------------------------------------------------------------- product gaps
 @pytest.mark.slow
 def test_predict_writes_a_csv_in_the_run_directory(tmp_path):
-    assert run_confspec("fit", "--config", "digits/trades", *CLI_QUICK, cwd=tmp_path).returncode == 0
+    predict = ["--config", "digits/trades", *CLI_QUICK, "--ckpt_path=last", "--trainer.logger.init_args.version=0"]
+    fit, proc = run_confspec_sequence(
+        ["fit", "--config", "digits/trades", *CLI_QUICK], ["predict", *predict], cwd=tmp_path
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
     # the fit's per-class validation report, with the full table
     report = json.loads(next((tmp_path / "runs").glob("*/version_0/classwise_val.json")).read_text())
     robust = report["attacks"][report["robust_attack"]]
     assert len(robust["classwise_acc"]) == 10 and len(report["attacks"]["clean"]["classwise_acc"]) == 10
     assert len(robust["confusion"]) == 10 and report["history"][0]["epoch"] == 0
-    proc = run_confspec(
-        "predict", "--config", "digits/trades", *CLI_QUICK, "--ckpt_path=last", "--trainer.logger.init_args.version=0",
-        cwd=tmp_path,
-    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = (tmp_path / "runs/digits_trades").glob("version_0/predictions/last.csv")  # in the checkpoint's run
     assert f"written to {path.relative_to(tmp_path)}" in proc.stdout
@@ -90,20 +93,19 @@ def test_progress_where_users_wait(tmp_path):
         "--data.init_args.eval_batch_size=16",
     ]
     args = ["--config", "digits/trades_csr", *CLI_QUICK, *progress]
-    proc = run_confspec("fit", *args, cwd=tmp_path)  # a shipped recipe by name
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "epoch 0: attack pass (train)" in proc.stderr
-    for noise in ("litlogger", "litmodels", "LeafSpec", "`weights_only` was not set", "dirpath"):
-        assert noise not in proc.stderr + proc.stdout, noise  # quiet: the progress bars and our lines only
     attacks = [
         "--config",
         str(ROOT / "tests/quick_attacks.yaml"),
         "--ckpt_path=last",
         "--trainer.logger.init_args.version=0",
     ]
-    proc = run_confspec("test", *args, *attacks, cwd=tmp_path)
+    proc, test = run_confspec_sequence(["fit", *args], ["test", *args, *attacks], cwd=tmp_path)  # a recipe by name
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "autoattack, test batch 1: running apgd-ce" in proc.stderr
+    assert "epoch 0: attack pass (train)" in proc.stderr
+    for noise in ("litlogger", "litmodels", "LeafSpec", "`weights_only` was not set", "dirpath"):
+        assert noise not in proc.stderr + proc.stdout, noise  # quiet: the progress bars and our lines only
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "autoattack, test batch 1: running apgd-ce" in test.stderr
 
 
 def test_archive_decode_shows_progress_on_a_terminal(tmp_path, monkeypatch):

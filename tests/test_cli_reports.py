@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import CLI_QUICK, assert_one_paragraph, run_confspec, run_confspec_in_process
+from helpers import CLI_QUICK, assert_one_paragraph, run_confspec_in_process, run_confspec_sequence
 
 #: the digits TRADES recipe tests with PGD, CW and standard AutoAttack; a test command overrides them
 PGD3 = "--model.init_args.test_attacks=[{class_path: confspec_lightning.attacks.PGD, init_args: {steps: 3}}]"
@@ -27,15 +27,18 @@ def fitted(tmp_path_factory):
 
 @pytest.mark.slow
 def test_command_line_options_win_over_the_checkpoint_for_test_validate_and_predict(fitted):
-    """Real processes: the checkpoint saved the recipe's test attacks (PGD, CW, AutoAttack), eval batch and
-    eval_attack; what the command gives runs, and the report's config.yaml and --print_config say so."""
+    """A real process (test, validate and predict one after another in it: one start-up): the checkpoint saved the
+    recipe's test attacks (PGD, CW, AutoAttack), eval batch and eval_attack; what the command gives runs, and the
+    report's config.yaml and --print_config say so."""
     cwd, run = fitted
     common = ["--config", "digits/trades", *CLI_QUICK, "--ckpt_path=best", "--trainer.logger.init_args.version=0"]
     overrides = [PGD3, "--data.init_args.eval_batch_size=50", "--model.init_args.eval_attack.steps=3"]
-    test = run_confspec("test", *common, *overrides, cwd=cwd)
+    test, validate, predict = run_confspec_sequence(
+        *([command, *common, *overrides] for command in ("test", "validate", "predict")), cwd=cwd
+    )
     assert test.returncode == 0, test.stderr[-3000:]
     assert "autoattack" not in test.stderr.lower()
-    folder = next((run / "evaluation").glob("best-epoch*"))
+    folder = next((run / "evaluation").glob("best-epoch*/evaluation.json")).parent  # the test's (validate's: below)
     report = json.loads((folder / "evaluation.json").read_text())
     assert list(report["attacks"]) == ["clean", "pgd3"]  # the command's attack, not the checkpoint's three
     saved = yaml.safe_load((folder / "config.yaml").read_text())
@@ -46,13 +49,11 @@ def test_command_line_options_win_over_the_checkpoint_for_test_validate_and_pred
     assert printed.returncode == 0, printed.stderr[-2000:]
     shown = yaml.safe_load(printed.stdout)
     assert shown["model"]["init_args"]["test_attacks"] == saved["model"]["init_args"]["test_attacks"]
-    validate = run_confspec("validate", *common, *overrides, cwd=cwd)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "robust = PGD-3" in validate.stdout
     val = json.loads(next((run / "evaluation").glob("best-epoch*/classwise_val.json")).read_text())
     assert val["robust_attack"] == "pgd3"
     assert json.loads((run / "classwise_val.json").read_text())["robust_attack"] == "pgd1"  # the fit's, untouched
-    predict = run_confspec("predict", *common, *overrides, cwd=cwd)
     assert predict.returncode == 0, predict.stderr[-3000:]
     (csv,) = (run / "predictions").glob("best-epoch*.csv")
     assert f"written to {csv.relative_to(cwd)}" in predict.stdout

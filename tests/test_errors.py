@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from helpers import CLI_QUICK, assert_one_paragraph, run_confspec, run_confspec_in_process
+from helpers import CLI_QUICK, assert_one_paragraph, run_confspec, run_confspec_in_process, run_confspec_sequence
 
 
 # ----------------------------------------------------------------------------- errors and messages
@@ -75,16 +75,16 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_missing_data_root_and_corrupt_archive(tmp_path):
+    """Both commands in one real process, one after the other (:func:`helpers.run_confspec_sequence`)."""
     config = "cifar10/finetune_trades"
-    assert_one_paragraph(
-        run_confspec("fit", "--config", config, "--data.init_args.root=nowhere/cifar.npz", cwd=tmp_path),
-        "nowhere",
-    )
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really an archive")
-    assert_one_paragraph(
-        run_confspec("fit", "--config", config, "--data.init_args.root=broken.npz", *CLI_QUICK, cwd=tmp_path),
-        "broken.npz",
+    missing, broken = run_confspec_sequence(
+        ["fit", "--config", config, "--data.init_args.root=nowhere/cifar.npz"],
+        ["fit", "--config", config, "--data.init_args.root=broken.npz", *CLI_QUICK],
+        cwd=tmp_path,
     )
+    assert_one_paragraph(missing, "nowhere")
+    assert_one_paragraph(broken, "broken.npz")
 
 
 @pytest.mark.parametrize("kind", ["random", "truncated", "pickled", "missing"])
