@@ -105,7 +105,9 @@ def config_overrides(name: str, tmp, monkeypatch=None) -> list[str]:
     """Small data and (for fine-tuning) a generated starting checkpoint, so every config runs in seconds.
 
     The recipes of public models start from a tiny network in the public layout: TRADES's WideResNet file (with its
-    sub_block1), or a RobustBench entry in RobustBench's cache layout (needs robustbench and ``monkeypatch``).
+    sub_block1), or a RobustBench entry in RobustBench's cache layout (needs robustbench and ``monkeypatch``). The
+    CIFAR-10 scratch recipes share their base file (PreActResNet-18) and differ by the method overlay: the base's
+    backbone runs in ``cifar10/scratch_trades`` (and Tiny-ImageNet's), the other overlays on a WideResNet-10-1.
     """
     if name.startswith("digits/"):
         return []
@@ -132,6 +134,9 @@ def config_overrides(name: str, tmp, monkeypatch=None) -> list[str]:
         ]
     if name.startswith("cifar10/"):
         out = list(cifar)
+        if name.startswith("cifar10/scratch_") and name != "cifar10/scratch_trades":
+            small = "{class_path: confspec_lightning.models.WideResNet, init_args: {depth: 10, widen_factor: 1}}"
+            out.append(f"--model.init_args.backbone={small}")
         if "finetune" in name:  # a small WideResNet and a generated "TRADES model" to start from
             from confspec_lightning.models import WideResNet
 
