@@ -53,15 +53,19 @@ def fit_args(save_dir, processes: int, source: str, fairness: str | None = None)
     return [*args, "--config", str(config)]
 
 
-def run_fit(save_dir, source: str, fairness: str | None = None) -> tuple[dict, dict]:
-    """The one-process reference of :func:`fit_args`, in this process (one intra-op thread, as each DDP rank has)."""
-    args = fit_args(save_dir, 1, source, fairness)
+def run_one_thread(*args: str, cwd):
+    """``confspec`` in this process with one intra-op thread (as each DDP rank has), the thread count restored."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        proc = run_confspec_in_process(*args, cwd=save_dir)
+        return run_confspec_in_process(*args, cwd=cwd)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_fit(save_dir, source: str, fairness: str | None = None) -> tuple[dict, dict]:
+    """The one-process reference of :func:`fit_args`, in this process (one intra-op thread, as each DDP rank has)."""
+    proc = run_one_thread(*fit_args(save_dir, 1, source, fairness), cwd=save_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return read_fit(save_dir)
 
@@ -246,12 +250,7 @@ def eval_args(save_dir, processes: int) -> list[str]:
 def run(processes: int, *args: str, cwd) -> None:
     cwd.mkdir(parents=True, exist_ok=True)
     if processes == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            proc = run_confspec_in_process(*args, cwd=cwd)
-        finally:
-            torch.set_num_threads(threads)
+        proc = run_one_thread(*args, cwd=cwd)
     else:
         proc = run_confspec(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -89,28 +89,18 @@ TERMS = (
 )
 
 
-class BudgetExhausted(Exception):
-    """The time budget ran out; the work continues on the next invocation."""
-
-
-class Budget:
-    def __init__(self, seconds: float | None) -> None:
-        self.deadline = None if seconds is None else time.monotonic() + seconds
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-    def check(self) -> None:
-        remaining = self.remaining()
-        if remaining is not None and remaining <= 0:
-            raise BudgetExhausted
-
-
 def _script(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+#: The fairness runner (standard library only at import): it trains missing sweep runs, and its time budget is ours.
+FAIRNESS = _script(ROOT / "benchmarks/fairness/run.py", "fairness_run")
+Budget = FAIRNESS.Budget
+BudgetExhausted = FAIRNESS.BudgetExhausted
 
 
 # ------------------------------------------------------------------ statistics
@@ -544,12 +534,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not (args.fit_missing and origin):
                     missing.append(name)
                     continue
-                fairness = _script(ROOT / "benchmarks/fairness/run.py", "fairness_run")
-                fairness_budget = fairness.Budget(budget.remaining())
-                try:
-                    fairness.run_one(*origin, args.runs_root, fairness_budget, [])
-                except fairness.BudgetExhausted:
-                    raise BudgetExhausted from None
+                FAIRNESS.run_one(*origin, args.runs_root, budget, [])
             key = f"{name}|{args.gamma:g}|{args.train_limit}|{args.seed}"
             stored = results["runs"].get(name)
             if stored and stored.get("key") == key and stored.get("checkpoint_sha256") == _sha(checkpoint):

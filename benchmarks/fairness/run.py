@@ -336,6 +336,12 @@ class Budget:
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
+    def check(self) -> None:
+        """Raise :class:`BudgetExhausted` once the budget is spent (between units of resumable work)."""
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            raise BudgetExhausted
+
 
 def confspec(args: list[str], log: Path, budget: Budget) -> float:
     """Run ``python -m confspec_lightning ARGS`` within the budget; its wall time in seconds."""
