@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -66,8 +67,7 @@ def run_arm(recipe: str, extra: Sequence[str], epochs: int, seed: int, out: Path
     run_dir = out / name / f"seed{seed}"
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():  # a run folder of an earlier demo: start it again, not resume it
-        for path in sorted(run_dir.rglob("*"), reverse=True):
-            path.unlink() if path.is_file() else path.rmdir()
+        shutil.rmtree(run_dir)
     started = time.perf_counter()
     main(["fit", *common])
     fit_seconds = time.perf_counter() - started
