@@ -2,7 +2,7 @@
 
 Collectives hide in hooks (metric syncs, checkpoint dumps, the logged values' reduction). Each must run on every
 rank in the same order whatever callbacks are on: the progress bar once reduced the epoch's logged values on
-rank 0 alone while the other ranks were in a metric's sync, and the README's DDP command hung. Every shipped
+rank 0 alone while the other ranks were in a metric's sync, and the multi-GPU guide's DDP command hung. Every shipped
 digits recipe runs fit (2 epochs) + validate + test once: on 3 processes those whose hooks run collectives of their
 own (``COLLECTIVES``: 3 ranks are the harder case for them), on 2 processes the others; a rank still running after
 its timeout prints every thread's stack and fails (``tests/ddp_worker.py``).
@@ -54,7 +54,7 @@ def test_every_digits_recipe_fits_validates_and_tests_with_default_settings(tmp_
 
 
 def test_readme_ddp_command_finishes_with_lightnings_own_launcher(tmp_path):
-    """The README's command (Lightning starts the second rank), progress bar and logger on: it finishes, with its
+    """The multi-GPU guide's command (Lightning starts rank 1), progress bar and logger on: it finishes, with its
     checkpoints and the per-class report of one process (every validation image once). `confspec test` on several
     processes through this launcher: tests/test_ddp.py."""
     common = ["--config", "digits/trades_csr", "--trainer.limit_train_batches=2"]

@@ -14,6 +14,7 @@ for method in scratch_trades scratch_trades_csr; do
     touch "$out/cifar10_$method/done"
   fi
 done
-.venv/bin/confspec-compare "$out"/cifar10_scratch_trades/version_1/evaluation/evaluation.json \
-  "$out"/cifar10_scratch_trades_csr/version_1/evaluation/evaluation.json \
+# the newest test report of each run (runs/<name>/<version>/evaluation/<checkpoint>/evaluation.json)
+report() { ls -t "$out/cifar10_$1"/*/evaluation/*/evaluation.json | head -n 1; }
+.venv/bin/confspec-compare "$(report scratch_trades)" "$(report scratch_trades_csr)" \
   --names "TRADES" "TRADES + CSR" --output benchmarks/cifar10_cpu/compare.md
