@@ -331,6 +331,19 @@ class RobustFairLitModule(pl.LightningModule):
                 f"output size (e.g. its num_classes argument) to {self.num_classes}."
             )
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Buffers DDP does not broadcast from rank 0 before every forward: the fairness methods' state.
+
+        ``DistributedDataParallel`` (``broadcast_buffers=True``, Lightning's default) copies every buffer of the
+        module from rank 0 at each training step. The fairness state (CSR's u1/v1 or G and its EMA matrix, CFA's,
+        DAFA's, FAAL's, FRL's and WAT's statistics) is computed on every rank from statistics summed over ranks, so
+        it is equal everywhere already; broadcasting it would only cost bandwidth (the ``ema`` source's K x K float64
+        matrix is 8 MB at K = 1000) and hide a rank that diverged. The network's own buffers (BatchNorm's running
+        statistics) are still broadcast. Read by torch's DDP when Lightning wraps this module.
+        """
+        return [name for name, _ in self.fairness.named_buffers(prefix="fairness")]
+
     def setup(self, stage: str) -> None:
         """Fail fast: check the backbone's output size on a dummy batch of the data's input shape."""
         input_shape = getattr(self.trainer.datamodule, "input_shape", None)

@@ -70,10 +70,10 @@ def run_fit(save_dir, source: str, fairness: str | None = None) -> tuple[dict, d
     return read_fit(save_dir)
 
 
-def ddp_fit(tmp_path_factory, name: str) -> tuple[dict, dict]:
-    """The 2-process fit ``DDP_FITS[name]``. Every fit of ``DDP_FITS`` runs in ONE torchrun-style job of
-    ``tests/ddp_fits.py`` (2 ranks, once per test session: the interpreters' start-up paid once for all of them);
-    Lightning's own launcher starts the ranks of the evaluation tests below."""
+def ddp_fits_folder(tmp_path_factory) -> Path:
+    """Every 2-process fit of ``DDP_FITS`` in ONE torchrun-style job of ``tests/ddp_fits.py`` (2 ranks, once per test
+    session: the interpreters' start-up paid once for all of them); its folder, one subfolder per fit. Lightning's
+    own launcher starts the ranks of the evaluation tests below."""
 
     def job(out: Path) -> None:
         commands = out / "commands.json"
@@ -81,7 +81,12 @@ def ddp_fit(tmp_path_factory, name: str) -> tuple[dict, dict]:
         args = ["--out", str(out), "--timeout", "900", str(commands)]
         launch_ranks(ROOT / "tests" / "ddp_fits.py", 2, out, args, timeout=900)
 
-    return read_fit(run_once(tmp_path_factory, "ddp_state_equality_fits", job) / name)
+    return run_once(tmp_path_factory, "ddp_state_equality_fits", job)
+
+
+def ddp_fit(tmp_path_factory, name: str) -> tuple[dict, dict]:
+    """The 2-process fit ``DDP_FITS[name]`` (:func:`ddp_fits_folder`)."""
+    return read_fit(ddp_fits_folder(tmp_path_factory) / name)
 
 
 def read_fit(save_dir) -> tuple[dict, dict]:
@@ -225,6 +230,18 @@ DDP_FITS = {
     **{stack: ("", fairness) for stack, fairness in BASELINE_STACKS.items()},
     **{f"paper_{source}": ("", fairness) for source, fairness in PAPER_FORMS.items()},
 }
+
+
+def test_ddp_ranks_agree_on_the_fairness_state_without_a_broadcast(tmp_path_factory):
+    """DDP broadcasts no fairness buffer (``RobustFairLitModule._ddp_params_and_buffers_to_ignore``): after every
+    2-process fit of ``DDP_FITS`` each rank holds the same fairness state, computed from statistics summed over
+    ranks, bit for bit."""
+    out = ddp_fits_folder(tmp_path_factory)
+    for name in DDP_FITS:
+        rank0, rank1 = (torch.load(out / name / f"fairness_buffers_rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert set(rank0) == set(rank1) and any(key != "fairness.epoch_end_done" for key in rank0), name
+        for key in rank0:
+            torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0, msg=f"{name} {key}")
 
 
 # ------------------------------------------------- evaluation on several processes = one process, exactly

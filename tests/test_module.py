@@ -148,3 +148,33 @@ def test_train_test_divergence_diagnostic_is_logged_and_reported():
     assert trainer.callback_metrics["val/robust_acc_kendall_tau_train"].item() == pytest.approx(tau, abs=1e-6)
     assert "Kendall tau" in report.format_table()
     assert report.to_dict()["divergence"]["train_acc"] == train_eval.robust.classwise_acc
+
+
+def test_ddp_broadcasts_the_networks_buffers_but_not_the_fairness_state(tmp_path):
+    """A real ``DistributedDataParallel`` (gloo, one process) built on the module the way Lightning builds it: the
+    fairness methods' buffers (CSR's EMA matrix and warm start, CFA's statistics) are left out of the per-step
+    broadcast, the network's BatchNorm statistics are not."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from confspec_lightning.fairness import CFA
+
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)
+    )
+    module = make_module(
+        backbone=backbone, fairness=[CSR(form="paper", confusion_source="ema"), CFA(weight_average=False)]
+    )
+    ignored = set(module._ddp_params_and_buffers_to_ignore)
+    assert {"fairness.0.ema_matrix", "fairness.0.subspace", "fairness.1.train_robust_acc"} <= ignored
+    assert ignored == {name for name, _ in module.named_buffers() if name.startswith("fairness.")}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(module)
+        broadcast = {id(b) for b in ddp.modules_buffers}
+        names = {id(b): name for name, b in module.named_buffers()}
+        network = {name for name in names.values() if name.startswith("net.")}
+        assert {"net.backbone.1.running_mean", "net.normalize.mean"} <= network
+        assert {names[i] for i in broadcast} == network
+    finally:
+        dist.destroy_process_group()
