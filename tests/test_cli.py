@@ -107,7 +107,7 @@ def config_overrides(name: str, tmp, monkeypatch=None) -> list[str]:
     The recipes of public models start from a tiny network in the public layout: TRADES's WideResNet file (with its
     sub_block1), or a RobustBench entry in RobustBench's cache layout (needs robustbench and ``monkeypatch``). The
     CIFAR-10 scratch recipes share their base file (PreActResNet-18) and differ by the method overlay: the base's
-    backbone runs in ``cifar10/scratch_trades`` (and Tiny-ImageNet's), the other overlays on a WideResNet-10-1.
+    backbone runs in ``cifar10/scratch_trades``, the other overlays (and Tiny-ImageNet's, at 64x64) on a WRN-10-1.
     """
     if name.startswith("digits/"):
         return []
@@ -148,8 +148,10 @@ def config_overrides(name: str, tmp, monkeypatch=None) -> list[str]:
                 f"--model.init_args.init_weights={weights}",
             ]
         return out
-    if name.startswith("tinyimagenet/"):
-        return [f"--data.init_args.root={SHARED_DATA / 'tinyimagenet200_subset'}", *SMALL_SPLITS]
+    if name.startswith("tinyimagenet/"):  # PreActResNet-18 at 64x64: tests/models/test_resnet.py
+        small = "{class_path: confspec_lightning.models.WideResNet, init_args: {depth: 10, widen_factor: 1}}"
+        root = SHARED_DATA / "tinyimagenet200_subset"
+        return [f"--data.init_args.root={root}", *SMALL_SPLITS, f"--model.init_args.backbone={small}"]
     raise AssertionError(f"no test overrides for the shipped config {name}")
 
 
