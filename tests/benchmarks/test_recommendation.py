@@ -1,0 +1,74 @@
+"""The "Which CSR setting to use" section of the fairness-methods guide: its settings are what the library builds,
+and each Δ it quotes is the fairness runner's paired delta computed from benchmarks/fairness/results.json."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from confspec_lightning.fairness import CSR
+
+from helpers import ROOT
+
+
+def fairness_runner():
+    """benchmarks/fairness/run.py as a module (tests/benchmarks/test_fairness.py loads it under the same name)."""
+    import importlib.util
+    import sys
+
+    name = "fairness_benchmark_run"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks/fairness/run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+PAGE = ROOT / "docs/how-to/fairness-methods.md"
+
+
+def section() -> str:
+    text = PAGE.read_text()
+    start = text.index("### Which CSR setting to use")
+    return text[start : text.index("\n## ", start)]
+
+
+def test_the_recommended_entries_build_the_settings_the_table_names():
+    (block,) = re.findall(r"```yaml\n(.*?)```", section(), flags=re.S)
+    scratch, finetune = (CSR(**entry["init_args"]) for entry in yaml.safe_load(block))
+    scratch.bind(10)
+    finetune.bind(10)
+    assert (scratch.form, scratch.alpha, scratch.gamma) == ("paper", 0.6, 0.0)
+    assert (scratch.surrogate, scratch.confusion_source) == ("kl", "batch")
+    assert (finetune.form, finetune.alpha, finetune.confusion_source) == ("code", 0.3, "streaming")
+
+
+#: (protocol, method of results.json, Δ worst and Δ avg as the section quotes them)
+QUOTED = [
+    ("digits_csr", "csr_paper_kl_batch_a0.6_g0", "+16.19 ± 1.65", "+2.17 ± 0.57"),
+    ("digits_csr", "csr_paper_kl_batch", "+11.08 ± 4.68", "+1.60"),
+    ("digits_csr", "csr_paper_kl_batch_a1_g0", "+15.24 ± 10.82", "+0.42"),
+    ("digits_csr", "csr_paper_soft_batch", "-1.90 ± 3.30", None),
+    ("digits", "trades_csr", "-0.95 ± 1.65", "-5.60 ± 0.31"),
+    ("digits", "wat", "+18.89 ± 5.68", "+5.34 ± 1.47"),
+    ("cifar10_finetune", "trades_csr_streaming", "+2.33 ± 0.29", "-0.58 ± 0.13"),
+    ("cifar10_finetune", "trades_csr", "+0.83 ± 0.29", "-0.33"),
+    ("cifar10_finetune", "trades_csr_paper", "+0.67 ± 0.76", "-1.10 ± 0.23"),
+    ("cifar10_finetune", "trades_csr_paper_a0.6", "+1.00", "-2.35"),
+]
+
+
+@pytest.mark.parametrize("protocol,method,worst,average", QUOTED, ids=[f"{p}-{m}" for p, m, *_ in QUOTED])
+def test_every_quoted_difference_is_the_recorded_one(protocol, method, worst, average):
+    results = json.loads((ROOT / "benchmarks/fairness/results.json").read_text())["protocols"][protocol]
+    row = fairness_runner().deltas(results, ["trades", method]).splitlines()[-1]
+    recorded = [cell.strip() for cell in row.split("|")[2:4]]
+    text = " ".join(section().split())
+    for quoted, value in zip((worst, average), recorded, strict=True):
+        if quoted is not None:  # a mean alone where the section leaves the spread out
+            assert value == quoted or value.split(" ± ")[0] == quoted, (method, value, quoted)
+            assert quoted in text, quoted
