@@ -25,6 +25,18 @@ CONFIGS = [*recipe_names(), "audit/robustbench_cifar10", "audit/checkpoint_cifar
 QUICK_ATTACK = AttackConfig(eps=0.1, step=0.04, steps=3)
 
 
+def load_script(path: Path, name: str):
+    """A script of the repository (``benchmarks/*/run.py``: not a package) as a module, loaded once per ``name``."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def run_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """``build(folder)`` once per test session, for every test that needs its output (pytest-xdist workers share it:
     the first one to need it builds it under a file lock, the others wait and read it); the folder."""

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 RUNNER = ROOT / "benchmarks/fairness/run.py"
 
@@ -76,6 +76,19 @@ def test_budget_exit_then_resume_without_redoing(tmp_path, capsys, monkeypatch):
     assert again.returncode == 0
     assert (tmp_path / "digits/wat_seed0/log.txt").read_text() == log  # read back, not run again
     assert "not recorded in results.json" in again.stdout
+
+    # the standard AutoAttack on that finished run (benchmarks/fairness/standard_aa.py; tests/benchmarks/
+    # test_standard_aa.py has its argument checks): one confspec test on the same images and checkpoint
+    standard_aa = load_script(ROOT / "benchmarks/fairness/standard_aa.py", "standard_aa_benchmark")
+    output = tmp_path / "standard"
+    options = ["--runs", "wat:0", "--out", str(tmp_path), "--output-dir", str(output), "--n-iter", "2"]
+    standard_aa.main(["--protocol", "digits", *options, "--min-test-seconds", "0", *QUICK])
+    row = json.loads((output / "standard_aa.json").read_text())["runs"]["digits/wat_seed0"]
+    assert row["settings"]["autoattack"] == "standard n_iter=2" and row["settings"]["images"] == 90
+    custom = result["evaluation"]["attacks"]["autoattack"]
+    assert row["custom"] == {key: custom[key] for key in ("avg", "worst", "classwise_acc")}
+    assert 0.0 <= row["standard"]["worst"] <= row["standard"]["avg"] <= 1.0
+    assert "| digits | wat | 0 |" in (output / "STANDARD_AA.md").read_text()
 
 
 def fake_result(method: str, seed: int, worst: float, avg: float, fit_seconds: float = 60.0) -> dict:

@@ -11,21 +11,12 @@ import yaml
 
 from confspec_lightning.fairness import CSR
 
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 
 def fairness_runner():
     """benchmarks/fairness/run.py as a module (tests/benchmarks/test_fairness.py loads it under the same name)."""
-    import importlib.util
-    import sys
-
-    name = "fairness_benchmark_run"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks/fairness/run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(ROOT / "benchmarks/fairness/run.py", "fairness_benchmark_run")
 
 
 PAGE = ROOT / "docs/how-to/fairness-methods.md"

@@ -1,0 +1,40 @@
+"""benchmarks/fairness/standard_aa.py: its argument checks (its real run on a finished digits run is part of
+tests/benchmarks/test_fairness.py::test_budget_exit_then_resume_without_redoing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import ROOT, load_script
+
+standard_aa = load_script(ROOT / "benchmarks/fairness/standard_aa.py", "standard_aa_benchmark")
+
+
+def test_runs_are_method_colon_seed():
+    assert standard_aa.parse_run("trades_csr_paper_a0.6:2") == ("trades_csr_paper_a0.6", 2)
+    for bad in ("trades", "trades:", ":0", "trades:x"):
+        with pytest.raises(Exception, match="method:seed"):
+            standard_aa.parse_run(bad)
+
+
+def test_the_attack_list_is_the_standard_autoattack_alone():
+    assert standard_aa.standard_attacks(None) == (
+        "[{class_path: confspec_lightning.attacks.AutoAttack, init_args: {version: standard}}]"
+    )
+    assert "n_iter: 2" in standard_aa.standard_attacks(2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--runs", "tradez:0"], "lacks; it has"),
+        (["--runs", "trades:0", "--n-iter", "2"], "give them an --output-dir"),
+        (["--runs", "trades:0", "--extra=--trainer.max_epochs=1"], "give them an --output-dir"),
+        ([], "give --runs"),
+    ],
+)
+def test_bad_arguments_are_refused_with_what_is_accepted(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        standard_aa.main(["--protocol", "digits", *argv])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
