@@ -82,6 +82,7 @@ class Protocol:
     variants: dict[str, str] = field(default_factory=dict)  # method -> the config it changes (with `fairness`)
     base: tuple[str, str] | None = None  # (protocol, method): fine-tune from its seed-0 final weights
     init_weights: str | None = None  # fine-tune from these committed backbone weights (relative to the repository)
+    reference: str = "trades"  # the method every other one is compared with (paired by seed)
 
 
 def csr_fairness(**init_args: object) -> str:
@@ -181,6 +182,7 @@ PROTOCOLS: dict[str, Protocol] = {
         methods=["trades_awp", "trades_awp_csr"],
         seeds=[0, 1, 2],
         overlays=["digits.yaml"],
+        reference="trades_awp",
     ),
     "cifar10_cpu": Protocol(
         description=(
@@ -648,7 +650,7 @@ def write_report(
         spec = PROTOCOLS[protocol]
         figure_path = HERE / f"{protocol}_classwise.png"
         figure(results, spec.methods, figure_path, f"{protocol}: per-class robust accuracy (mean over seeds)")
-        compared = len({r["method"] for r in results}) > 1  # a method beside TRADES has run
+        compared = len({r["method"] for r in results}) > 1  # a method beside the reference has run
         tradeoff = None
         if protocol in TRADEOFF_FIGURES and compared:
             tradeoff = HERE / f"{protocol}_tradeoff.png"
@@ -671,10 +673,10 @@ def write_report(
             *([notes[protocol], ""] if protocol in notes else []),
             *(
                 [
-                    "Difference from TRADES (points; mean ± std of the per-seed differences over the seeds both "
-                    "methods have run):",
+                    f"Difference from {LABELS.get(spec.reference, spec.reference)} (points; mean ± std of the "
+                    "per-seed differences over the seeds both methods have run):",
                     "",
-                    deltas(results, spec.methods),
+                    deltas(results, spec.methods, spec.reference),
                     "",
                 ]
                 if compared

@@ -225,3 +225,14 @@ def test_every_protocol_run_is_a_config_the_cli_accepts(protocol, tmp_path, caps
         for entry in yaml.safe_load(printed)["model"]["init_args"]["fairness"] or []:
             module_name, _, class_name = entry["class_path"].rpartition(".")
             getattr(importlib.import_module(module_name), class_name)(**(entry.get("init_args") or {}))
+
+
+def test_every_protocol_compares_with_one_of_its_own_methods():
+    """The paired deltas need the reference among the protocol's methods (TRADES-AWP for the AWP protocol)."""
+    for name, spec in fairness_run.PROTOCOLS.items():
+        assert spec.reference in spec.methods, name
+    assert fairness_run.PROTOCOLS["digits_awp"].reference == "trades_awp"
+    results = [fake_result("trades_awp", 0, worst=0.10, avg=0.60), fake_result("trades_awp_csr", 0, 0.20, 0.55)]
+    assert fairness_run.deltas(results, ["trades_awp", "trades_awp_csr"], "trades_awp").splitlines()[-1] == (
+        "| TRADES-AWP + CSR | +10.00 | -5.00 | 0 |"
+    )
