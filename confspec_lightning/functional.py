@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from confspec_lightning.losses import cross_entropy
-from confspec_lightning.validation import check_choice, check_int, check_real
+from confspec_lightning.validation import check_choice, check_int, check_labels, check_real
 
 Margin = Literal["relative", "additive"]
 #: What a sample charges to its confusion cell (docs/explanation/method.md §3).
@@ -78,21 +78,6 @@ def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     return errors
 
 
-def _check_labels(name: str, labels: Tensor, num_classes: int) -> None:
-    """Integer dtype (bool excluded); values in [0, K) checked for CPU tensors (no sync on accelerators)."""
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a tensor of class indices; got {type(labels).__name__} {labels!r}.")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{name} must hold integer class indices; got dtype={labels.dtype}.")
-    if labels.device.type == "cpu" and labels.numel() > 0:
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{name} holds the class index {bad!r}, outside [0, num_classes={num_classes}) (values {low}..{high})."
-            )
-
-
 def _check_inputs(logits: Tensor, target: Tensor, num_classes: int) -> None:
     check_int("num_classes", num_classes, 1)
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
@@ -103,7 +88,7 @@ def _check_inputs(logits: Tensor, target: Tensor, num_classes: int) -> None:
     if not isinstance(target, Tensor) or target.shape != logits.shape[:1]:
         shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"target must have shape ({logits.shape[0]},); got {shape}.")
-    _check_labels("target", target, num_classes)
+    check_labels("target", target, num_classes)
 
 
 def robust_confusion_matrix(
@@ -149,8 +134,8 @@ def confusion_from_predictions(pred: Tensor, target: Tensor, num_classes: int, n
         raise ValueError(
             f"pred and target must be 1-D tensors of the same shape; got {tuple(pred.shape)} and {tuple(target.shape)}."
         )
-    _check_labels("pred", pred, num_classes)
-    _check_labels("target", target, num_classes)
+    check_labels("pred", pred, num_classes)
+    check_labels("target", target, num_classes)
     errors = _confusion_counts(pred, target, num_classes).float()
     if normalize:
         errors = errors / counts_per_class(target, num_classes).float().clamp_min(1.0)
@@ -417,13 +402,17 @@ class SpectralDirection:
     def __init__(self, u: Tensor, v: Tensor, rescale: bool = False, guard: bool = False) -> None:
         self.u, self.v, self.rescale, self.guard = u, v, rescale, guard
 
+    def _range(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(min G, max G, whether G is degenerate: zero or constant up to round-off), on the device."""
+        g_min, g_max = self.u.min() * self.v.min(), self.u.max() * self.v.max()
+        return g_min, g_max, (self.u.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
+
     def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
         """G[rows, cols] (float64), elementwise over the broadcast index tensors."""
         values = self.u[rows] * self.v[cols]
         if not self.guard:
             return values
-        g_min, g_max = self.u.min() * self.v.min(), self.u.max() * self.v.max()
-        degenerate = (self.u.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
+        g_min, g_max, degenerate = self._range()
         if self.rescale:
             values = 2.0 * (values - g_min) / torch.where(degenerate, 1.0, g_max - g_min) + 0.01
         return torch.where(degenerate, torch.ones_like(values), values)
@@ -433,8 +422,7 @@ class SpectralDirection:
         one = torch.ones((), dtype=self.u.dtype, device=self.u.device)
         if not self.guard:
             return one, one * 0.0
-        g_min, g_max = self.u.min() * self.v.min(), self.u.max() * self.v.max()
-        degenerate = (self.u.abs().sum() == 0) | (g_max - g_min <= 1e-9 * g_max.abs())
+        g_min, g_max, degenerate = self._range()
         if self.rescale:
             span = torch.where(degenerate, 1.0, g_max - g_min)
             a, b = 2.0 / span, 0.01 - 2.0 * g_min / span
