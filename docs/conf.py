@@ -26,6 +26,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax shipped with the site: formulas render without network
 ]
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build"]
