@@ -132,6 +132,7 @@ LABELS.update(
         "trades_csr_paper_a0.6": "TRADES + CSR (paper form) α=0.6",
         "trades_csr_paper_a1": "TRADES + CSR (paper form) α=1",
         "trades_csr_streaming_a0.6": "TRADES + CSR (streaming) α=0.6",
+        "trades_awp_csr_paper_a0.6": "TRADES-AWP + CSR (paper form) α=0.6",
     }
 )
 
@@ -176,12 +177,16 @@ PROTOCOLS: dict[str, Protocol] = {
         description=(
             "The digits protocol (same data, model, schedule, threat model and AutoAttack APGD-CE + APGD-T) for "
             "the CSR paper's second base, TRADES-AWP (adversarial weight perturbation, gamma 0.005, no warm-up): "
-            "the recipes `digits/trades_awp` and `digits/trades_awp_csr` (CSR code form, alpha 0.3, epoch pass)."
+            "the recipes `digits/trades_awp` and `digits/trades_awp_csr` (CSR code form, alpha 0.3, epoch pass), "
+            "and `digits/trades_awp_csr` with the setting recommended for training from scratch (paper form, kl "
+            "surrogate, batch source, alpha 0.6)."
         ),
         configs="digits/",
-        methods=["trades_awp", "trades_awp_csr"],
+        methods=["trades_awp", "trades_awp_csr", "trades_awp_csr_paper_a0.6"],
         seeds=[0, 1, 2],
         overlays=["digits.yaml"],
+        fairness={"trades_awp_csr_paper_a0.6": csr_fairness(form="paper", alpha=0.6)},
+        variants={"trades_awp_csr_paper_a0.6": "trades_awp_csr"},
         reference="trades_awp",
     ),
     "cifar10_cpu": Protocol(
