@@ -32,7 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +45,12 @@ BUDGET_EXIT = 3
 #: last.ckpt saved, the run resumes. Not imported: that module imports Lightning (~6 s at every runner start);
 #: tests/benchmarks/test_fairness.py checks that the two agree.
 PREEMPTED_EXIT = 75
+#: How the evaluation attacks draw their random starts (PGD, CW) and seeds (AutoAttack): ``per-sample`` (keyed by each
+#: image's index in its split, ``confspec_lightning.attacks.noise``: since commit 754686c) or ``per-batch`` (one
+#: generator stream per test batch, before it). The training is the same under both, the draws are not: a re-test of
+#: the same model moves a 36-image digits class by 1-4 images. Paired differences mix the two only if told to, so
+#: :func:`deltas` pairs runs of one scheme. Every run records its scheme (``evaluation_noise``).
+EVALUATION_NOISE = "per-sample"
 
 LABELS = {
     "trades": "TRADES",
@@ -275,6 +282,29 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
+#: The CIFAR-10 fine-tuning study again, every run evaluated with per-sample noise (EVALUATION_NOISE): TRADES, CSR's
+#: code form (streaming) and paper form at alpha 0.3, 0.6 and 1.0, and the two baselines closest to CSR, so that the
+#: alpha settings are paired with TRADES runs of the same evaluation (issue 27).
+PROTOCOLS["cifar10_finetune_alpha"] = replace(
+    PROTOCOLS["cifar10_finetune"],
+    description=(
+        "The `cifar10_finetune` protocol (same start model, data, 2-epoch recipes, test images and attacks) for "
+        "CSR's weight alpha, with every run evaluated under per-sample noise: TRADES; CSR's code form with the "
+        "streaming source at alpha 0.3 and 0.6; the paper form at alpha 0.3, 0.6 and 1.0; DAFA and FAAL + CSR."
+    ),
+    methods=[
+        "trades",
+        "trades_csr_streaming",
+        "trades_csr_streaming_a0.6",
+        "trades_csr_paper",
+        "trades_csr_paper_a0.6",
+        "trades_csr_paper_a1",
+        "dafa",
+        "faal_csr",
+    ],
+)
+
+
 # ------------------------------------------------------------------- results
 @contextlib.contextmanager
 def locked_results():
@@ -498,12 +528,18 @@ def table(results: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def evaluation_noise(run: dict) -> str:
+    """The run's evaluation noise scheme (:data:`EVALUATION_NOISE`); ``unknown`` for a record without one."""
+    return run.get("evaluation_noise", "unknown")
+
+
 def deltas(results: list[dict], methods: list[str], reference: str = "trades") -> str:
     """Worst-class and average robust accuracy (last attack) of each method minus the reference's.
 
     Paired by seed: each difference is a mean over the seeds that both methods have run (a sweep in
     progress has more seeds of some methods than of others), ± the standard deviation of the per-seed
-    differences when there are several.
+    differences when there are several. A seed whose two runs were evaluated under different noise schemes
+    (:data:`EVALUATION_NOISE`) is not paired; the row says so.
     """
     from confspec_lightning.evaluation.report import format_mean_std
 
@@ -512,6 +548,8 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
     def by_seed(method: str, key: str) -> dict[int, float]:
         return {r["seed"]: 100 * r["evaluation"]["attacks"][attack][key] for r in results if r["method"] == method}
 
+    noise = {(r["method"], r["seed"]): evaluation_noise(r) for r in results}
+
     lines = [
         f"| method | Δ worst ({attack}) vs {LABELS[reference]} | Δ avg ({attack}) | paired seeds |",
         "|---|---|---|---|",
@@ -519,15 +557,20 @@ def deltas(results: list[dict], methods: list[str], reference: str = "trades") -
     for method in methods:
         if method == reference:
             continue
-        seeds = sorted(by_seed(method, "worst").keys() & by_seed(reference, "worst").keys())
+        common = sorted(by_seed(method, "worst").keys() & by_seed(reference, "worst").keys())
+        seeds = [s for s in common if noise[method, s] == noise[reference, s]]  # one evaluation scheme per pair
+        apart = [s for s in common if s not in seeds]
+        note = f" (not paired, other evaluation noise: seed {', '.join(map(str, apart))})" if apart else ""
         if not seeds:
+            if apart:
+                lines.append(f"| {LABELS.get(method, method)} | | | {note.strip()} |")
             continue
         cells = []
         for key in ("worst", "avg"):
             ours, theirs = by_seed(method, key), by_seed(reference, key)
             differences = [ours[s] - theirs[s] for s in seeds]
             cells.append(format_mean_std(differences, signed=True))
-        lines.append(f"| {LABELS.get(method, method)} | {cells[0]} | {cells[1]} | {', '.join(map(str, seeds))} |")
+        lines.append(f"| {LABELS.get(method, method)} | {cells[0]} | {cells[1]} | {', '.join(map(str, seeds))}{note} |")
     return "\n".join(lines)
 
 
@@ -626,9 +669,9 @@ def tradeoff_figure(all_results: dict[str, list[dict]], protocol: str, path: Pat
 
 
 #: protocols whose report adds the per-class table of the last attack
-CLASSWISE_TABLES = {"cifar10_finetune"}
+CLASSWISE_TABLES = {"cifar10_finetune", "cifar10_finetune_alpha"}
 #: protocols whose report adds the worst-vs-average figure, with the protocol whose methods it shows in grey
-TRADEOFF_FIGURES = {"digits_csr": "digits", "cifar10_finetune": None}
+TRADEOFF_FIGURES = {"digits_csr": "digits", "cifar10_finetune": None, "cifar10_finetune_alpha": None}
 
 
 def write_report(
@@ -671,7 +714,9 @@ def write_report(
             f"on {machine_note} (CPU only). Runs on record: {len(results)} of the "
             f"{len(spec.methods) * len(spec.seeds)} planned ({len(spec.methods)} methods x seeds "
             f"{', '.join(map(str, spec.seeds))}); rerunning the command completes the sweep. "
-            f"Code: {', '.join(f'`{c}`' for c in codes)} (`code` of each run in results.json).",
+            f"Code: {', '.join(f'`{c}`' for c in codes)} (`code` of each run in results.json). Evaluation noise: "
+            + ", ".join(f"{scheme} ({n} runs)" for scheme, n in sorted(Counter(map(evaluation_noise, results)).items()))
+            + " (`EVALUATION_NOISE` in benchmarks/fairness/run.py).",
             "",
             table(results, spec.methods),
             "",
@@ -746,6 +791,7 @@ def main(argv: list[str] | None = None) -> None:
                 result = run_one(args.protocol, method, seed, args.out, budget, args.extra)
                 result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
                 result["code"] = code
+                result["evaluation_noise"] = EVALUATION_NOISE
                 aa = result["evaluation"]["attacks"].get("autoattack", {})
                 print(
                     f"[{args.protocol}] {method} seed {seed}: AutoAttack avg "

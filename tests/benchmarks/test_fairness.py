@@ -236,3 +236,21 @@ def test_every_protocol_compares_with_one_of_its_own_methods():
     assert fairness_run.deltas(results, ["trades_awp", "trades_awp_csr"], "trades_awp").splitlines()[-1] == (
         "| TRADES-AWP + CSR | +10.00 | -5.00 | 0 |"
     )
+
+
+def test_runs_evaluated_with_other_noise_are_not_paired():
+    """A re-test under another random-start scheme moves classes by images: such seeds are left out, and said so."""
+    runs = [fake_result("trades", 0, 0.10, 0.60), fake_result("wat", 0, 0.20, 0.60)]
+    runs += [fake_result("trades", 1, 0.30, 0.70), fake_result("wat", 1, 0.50, 0.75)]
+    for run in runs:
+        run["evaluation_noise"] = "per-sample"
+    runs[3]["evaluation_noise"] = "per-batch"
+    row = fairness_run.deltas(runs, ["trades", "wat"]).splitlines()[-1]
+    assert row == "| WAT | +10.00 | +0.00 | 0 (not paired, other evaluation noise: seed 1) |"
+    runs[1]["evaluation_noise"] = "per-batch"  # no seed left to pair
+    assert fairness_run.deltas(runs, ["trades", "wat"]).splitlines()[-1] == (
+        "| WAT | | | (not paired, other evaluation noise: seed 0, 1) |"
+    )
+    assert fairness_run.evaluation_noise({}) == "unknown"
+    stored = json.loads((ROOT / "benchmarks/fairness/results.json").read_text())["protocols"]
+    assert all(r["evaluation_noise"] in ("per-batch", "per-sample") for runs in stored.values() for r in runs)
