@@ -47,9 +47,9 @@ BUDGET_EXIT = 3
 PREEMPTED_EXIT = 75
 #: How the evaluation attacks draw their random starts (PGD, CW) and seeds (AutoAttack): ``per-sample`` (keyed by each
 #: image's index in its split, ``confspec_lightning.attacks.noise``: since commit 754686c) or ``per-batch`` (one
-#: generator stream per test batch, before it). The training is the same under both, the draws are not: a re-test of
-#: the same model moves a 36-image digits class by 1-4 images. Paired differences mix the two only if told to, so
-#: :func:`deltas` pairs runs of one scheme. Every run records its scheme (``evaluation_noise``).
+#: generator stream per test batch, before it). The training is the same under both, the draws are not: digits runs
+#: refitted at the newer code kept every class's clean accuracy and moved single classes by 1-4 images under attack.
+#: So :func:`deltas` pairs runs of one scheme only. Every run records its scheme (``evaluation_noise``).
 EVALUATION_NOISE = "per-sample"
 
 LABELS = {
