@@ -47,6 +47,7 @@ QUOTED = [
     ("digits", "trades_csr", "-0.95 ± 1.65", "-5.60 ± 0.31"),
     ("digits", "wat", "+18.89 ± 5.68", "+5.34 ± 1.47"),
     ("digits_awp", "trades_awp_csr", "-2.86 ± 2.86", "-4.97 ± 0.27"),
+    ("digits_awp", "trades_awp_csr_paper_a0.6", "+13.60 ± 4.61", "+3.46 ± 1.37"),
     ("cifar10_finetune", "trades_csr_streaming", "+2.33 ± 0.29", "-0.58 ± 0.13"),
     ("cifar10_finetune", "trades_csr", "+0.83 ± 0.29", "-0.33"),
     ("cifar10_finetune", "trades_csr_paper", "+0.67 ± 0.76", "-1.10 ± 0.23"),
