@@ -20,14 +20,15 @@ interval over runs. Writes ``bound.json`` and ``BOUND.md`` next to this file (``
 
 Command sequence (resumable; ``--time-budget`` exits 3 when spent, rerun the same command to continue):
 
-    # 1. the digits alpha sweep (digits_csr protocol: TRADES = alpha 0, paper form kl/batch at alpha 0.1, 0.3,
-    #    0.6, 1.0, gamma 0; seeds 0-2): trains what is missing through benchmarks/fairness/run.py's runner (same
-    #    recipes and run directories, benchmarks/fairness/runs/digits_csr/<method>_seed<k>/), tests it, then
+    # 1. the digits alpha sweep (the fairness runner's digits_alpha protocol: TRADES = alpha 0, paper form
+    #    kl/batch at alpha 0.1, 0.3, 0.6, 1.0, gamma 0; seeds 0-2): trains what is missing through
+    #    benchmarks/fairness/run.py's runner (same recipes and run directories,
+    #    benchmarks/fairness/runs/digits_alpha/<method>_seed<k>/), tests it, records it in results.json, then
     #    computes the terms
     python benchmarks/csr_mechanism/bound.py --sweep digits_alpha --fit-missing --time-budget 540
-    # 2. the CIFAR-10 fine-tuning runs (cifar10_finetune: TRADES, paper form alpha 0.3, 0.6, 1; seeds 0-2), with
-    #    the training-set attack on 500 training images per class
-    python benchmarks/csr_mechanism/bound.py --sweep cifar10_finetune --fit-missing --train-limit 5000 \\
+    # 2. the CIFAR-10 fine-tuning runs (cifar10_finetune_alpha: TRADES, code form streaming at alpha 0.3, 0.6,
+    #    paper form at alpha 0.3, 0.6, 1; seeds 0-2), with the training-set attack on 500 training images per class
+    python benchmarks/csr_mechanism/bound.py --sweep cifar10_finetune_alpha --fit-missing --train-limit 5000 \\
         --time-budget 540
     # any run directories (fairness-runner layout <dir>/fit/, or a confspec log directory):
     python benchmarks/csr_mechanism/bound.py --runs NAME=RUN_DIR NAME=RUN_DIR ...
@@ -55,7 +56,7 @@ BATCH = 250
 #: Sweeps: (fairness protocol, methods in order of alpha, seeds).
 SWEEPS = {
     "digits_alpha": (
-        "digits_csr",
+        "digits_alpha",
         [
             "trades",
             "csr_paper_kl_batch_a0.1_g0",
@@ -65,9 +66,16 @@ SWEEPS = {
         ],
         [0, 1, 2],
     ),
-    "cifar10_finetune": (
-        "cifar10_finetune",
-        ["trades", "trades_csr_paper", "trades_csr_paper_a0.6", "trades_csr_paper_a1"],
+    "cifar10_finetune_alpha": (
+        "cifar10_finetune_alpha",
+        [
+            "trades",
+            "trades_csr_streaming",
+            "trades_csr_streaming_a0.6",
+            "trades_csr_paper",
+            "trades_csr_paper_a0.6",
+            "trades_csr_paper_a1",
+        ],
         [0, 1, 2],
     ),
 }
@@ -534,7 +542,20 @@ def main(argv: list[str] | None = None) -> None:
                 if not (args.fit_missing and origin):
                     missing.append(name)
                     continue
-                FAIRNESS.run_one(*origin, args.runs_root, budget, [])
+                result = FAIRNESS.stamp(FAIRNESS.run_one(*origin, args.runs_root, budget, []), FAIRNESS.code_version())
+                previous = FAIRNESS.recorded_runs(origin[0]).get(origin[1:])
+                if previous is not None:  # the analysis reads this model: its record must be this run's
+                    print(
+                        f"[bound] {name}: results.json held a run at code {previous.get('code')}; replacing it with "
+                        f"this one (code {result['code']}), the model analysed here",
+                        flush=True,
+                    )
+                FAIRNESS.record(origin[0], result)
+            if origin is not None:  # the terms go beside the run's record: it must be this directory's run
+                try:
+                    FAIRNESS.check_recorded(origin[0], json.loads((directory / "result.json").read_text()))
+                except ValueError as error:
+                    raise SystemExit(f"[bound] {name}: {error}") from None
             key = f"{name}|{args.gamma:g}|{args.train_limit}|{args.seed}"
             stored = results["runs"].get(name)
             if stored and stored.get("key") == key and stored.get("checkpoint_sha256") == _sha(checkpoint):

@@ -47,9 +47,9 @@ BUDGET_EXIT = 3
 PREEMPTED_EXIT = 75
 #: How the evaluation attacks draw their random starts (PGD, CW) and seeds (AutoAttack): ``per-sample`` (keyed by each
 #: image's index in its split, ``confspec_lightning.attacks.noise``: since commit 754686c) or ``per-batch`` (one
-#: generator stream per test batch, before it). The training is the same under both, the draws are not: digits runs
-#: refitted at the newer code kept every class's clean accuracy and moved single classes by 1-4 images under attack.
-#: So :func:`deltas` pairs runs of one scheme only. Every run records its scheme (``evaluation_noise``).
+#: generator stream per test batch, before it). The training is the same under both, the draws are not (the
+#: digits_alpha replicate moved TRADES classes by up to 2 images under AutoAttack, by at most 1 when clean):
+#: so :func:`deltas` pairs runs of one scheme only. Every run records its scheme (``evaluation_noise``).
 EVALUATION_NOISE = "per-sample"
 
 LABELS = {
@@ -304,6 +304,27 @@ PROTOCOLS["cifar10_finetune_alpha"] = replace(
     ],
 )
 
+#: The digits alpha sweep of digits_csr again (TRADES = alpha 0, the paper form kl/batch at alpha 0.1, 0.3, 0.6, 1.0,
+#: gamma 0), evaluated with per-sample noise: a replicate at newer code, and the runs the bound analysis of
+#: benchmarks/csr_mechanism/bound.py reads (issue 27).
+PROTOCOLS["digits_alpha"] = replace(
+    PROTOCOLS["digits_csr"],
+    description=(
+        "The `digits_csr` protocol (same data, model, schedule, threat model and AutoAttack APGD-CE + APGD-T) for "
+        "CSR's weight alpha alone, trained again and evaluated with per-sample noise: TRADES (alpha 0) and the "
+        "paper form (kl surrogate, batch source, gamma 0) at alpha 0.1, 0.3, 0.6 and 1.0. A replicate of those "
+        "`digits_csr` rows at newer code; `benchmarks/csr_mechanism/bound.py --sweep digits_alpha` computes the "
+        "terms of CSR's worst-class bound on these runs."
+    ),
+    methods=[
+        "trades",
+        "csr_paper_kl_batch_a0.1_g0",
+        "csr_paper_kl_batch",
+        "csr_paper_kl_batch_a0.6_g0",
+        "csr_paper_kl_batch_a1_g0",
+    ],
+)
+
 
 # ------------------------------------------------------------------- results
 @contextlib.contextmanager
@@ -335,6 +356,40 @@ def record(protocol: str, result: dict) -> None:
         stored["commands"][protocol] = f"python benchmarks/fairness/run.py --protocol {protocol}"
         atomic_write_text(RESULTS_JSON, json.dumps(stored, indent=1))
         write_report(stored["protocols"], stored["commands"], stored.get("notes"))
+
+
+def check_recorded(protocol: str, result: dict) -> dict | None:
+    """The results.json record of the run whose ``result.json`` is ``result`` (None when none is on record).
+
+    A run directory can hold another model than the one on record (trained again at other code, or the record
+    merged from another checkout): its evaluation then differs, and reading it beside the record would mix two
+    runs. Raises ``ValueError`` naming the first attack and class that differ.
+    """
+    stored = recorded_runs(protocol).get((result["method"], result["seed"]))
+    if stored is None:
+        return None
+    for attack, entry in stored["evaluation"]["attacks"].items():
+        recorded = entry["classwise_acc"]
+        have = result["evaluation"]["attacks"].get(attack, {}).get("classwise_acc")
+        if have != recorded:
+            detail = "not evaluated there"
+            if have is not None:
+                cls = next(i for i, (a, b) in enumerate(zip(have, recorded, strict=True)) if a != b)
+                detail = f"class {cls}: {have[cls]:.4f} there, {recorded[cls]:.4f} on record"
+            raise ValueError(
+                f"{protocol}/{result['method']} seed {result['seed']}: the run directory holds another run than "
+                f"results.json records (code {stored.get('code')}); {attack} accuracy, {detail}. Train it again "
+                "into an empty directory (the runner records it), or analyse it as an unrecorded run."
+            )
+    return stored
+
+
+def stamp(result: dict, code: str) -> dict:
+    """``result`` with what results.json records beside it: the machine, the code and the evaluation noise."""
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+    result["code"] = code
+    result["evaluation_noise"] = EVALUATION_NOISE
+    return result
 
 
 def code_version() -> str:
@@ -671,7 +726,12 @@ def tradeoff_figure(all_results: dict[str, list[dict]], protocol: str, path: Pat
 #: protocols whose report adds the per-class table of the last attack
 CLASSWISE_TABLES = {"cifar10_finetune", "cifar10_finetune_alpha"}
 #: protocols whose report adds the worst-vs-average figure, with the protocol whose methods it shows in grey
-TRADEOFF_FIGURES = {"digits_csr": "digits", "cifar10_finetune": None, "cifar10_finetune_alpha": None}
+TRADEOFF_FIGURES = {
+    "digits_csr": "digits",
+    "digits_alpha": None,
+    "cifar10_finetune": None,
+    "cifar10_finetune_alpha": None,
+}
 
 
 def write_report(
@@ -788,10 +848,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"[{args.protocol}] {method} seed {seed}: on record in results.json", flush=True)
                     continue
                 print(f"[{args.protocol}] {method} seed {seed} ...", flush=True)
-                result = run_one(args.protocol, method, seed, args.out, budget, args.extra)
-                result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
-                result["code"] = code
-                result["evaluation_noise"] = EVALUATION_NOISE
+                result = stamp(run_one(args.protocol, method, seed, args.out, budget, args.extra), code)
                 aa = result["evaluation"]["attacks"].get("autoattack", {})
                 print(
                     f"[{args.protocol}] {method} seed {seed}: AutoAttack avg "

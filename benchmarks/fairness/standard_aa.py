@@ -91,8 +91,10 @@ def report_markdown(stored: dict) -> str:
         "# Standard AutoAttack next to the protocols' APGD-CE + APGD-T",
         "",
         "Written by `python benchmarks/fairness/standard_aa.py` (its docstring gives the commands). Accuracy in %;",
-        "`custom` = the protocol's AutoAttack (APGD-CE + APGD-T, from results.json), `standard` = APGD-CE, APGD-T,",
-        "FAB-T and Square on the same checkpoint and test images; gap = standard - custom.",
+        "`custom` = the protocol's AutoAttack (APGD-CE + APGD-T) from the run's own test, checked equal to its",
+        "record in results.json; `standard` = APGD-CE, APGD-T, FAB-T and Square on the same checkpoint and test",
+        "images; gap = standard - custom. *code*: the commit of the standard test (the run's training commit is",
+        "`run_code` in standard_aa.json).",
         "",
         "| protocol | method | seed | custom avg | standard avg | gap avg | custom worst | standard worst "
         "| gap worst | test s | code | machine |",
@@ -160,7 +162,13 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"{run_dir} has no finished run; add --fit-missing to train and test it.")
                 print(f"[standard_aa] {key}: training and testing it first (fairness runner)", flush=True)
                 runner.run_one(args.protocol, method, seed, args.out, budget, args.extra)
-            custom = json.loads((run_dir / "result.json").read_text())["evaluation"]
+            run = json.loads((run_dir / "result.json").read_text())
+            try:  # "custom" must be the recorded run's AutoAttack (smoke runs with --extra are never recorded)
+                if not args.extra:
+                    runner.check_recorded(args.protocol, run)
+            except ValueError as error:
+                raise SystemExit(f"[standard_aa] {error}") from None
+            custom = run["evaluation"]
             print(f"[standard_aa] {key}: standard AutoAttack ...", flush=True)
             start = time.perf_counter()
             done = standard_test(
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 "settings": standard["settings"],
                 "seconds": time.perf_counter() - start,
                 "code": code,
+                "run_code": custom.get("environment", {}).get("commit"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             }
             save()

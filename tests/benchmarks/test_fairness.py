@@ -192,6 +192,30 @@ def test_record_keeps_every_run_and_replaces_a_rerun(tmp_path, monkeypatch):
     assert (tmp_path / "digits_classwise.png").stat().st_size > 0
 
 
+def test_a_run_directory_holding_another_run_than_the_record_is_refused(tmp_path, monkeypatch):
+    """bound.py and standard_aa.py read a run's directory beside its record: a model trained again (other code, or
+    a record merged from another checkout) must not pass for the recorded one."""
+    monkeypatch.setattr(fairness_run, "HERE", tmp_path)
+    monkeypatch.setattr(fairness_run, "RESULTS_JSON", tmp_path / "results.json")
+    monkeypatch.setattr(fairness_run, "RESULTS_MD", tmp_path / "RESULTS.md")
+    recorded = fake_result("trades", 0, worst=0.1, avg=0.6) | {"code": "abc1234"}
+    fairness_run.record("digits", recorded)
+    assert fairness_run.check_recorded("digits", fake_result("trades", 0, worst=0.1, avg=0.6))["code"] == "abc1234"
+    assert fairness_run.check_recorded("digits", fake_result("trades", 1, worst=0.2, avg=0.6)) is None  # unrecorded
+    other = fake_result("trades", 0, worst=0.1, avg=0.6)
+    other["evaluation"]["attacks"]["autoattack"] = dict(other["evaluation"]["attacks"]["autoattack"])
+    other["evaluation"]["attacks"]["autoattack"]["classwise_acc"] = [0.1, 1.2]
+    with pytest.raises(
+        ValueError,
+        match=r"another run than results.json records \(code abc1234\); autoattack "
+        r"accuracy, class 1: 1.2000 there, 1.1000 on record",
+    ):
+        fairness_run.check_recorded("digits", other)
+    del other["evaluation"]["attacks"]["autoattack"]
+    with pytest.raises(ValueError, match="autoattack accuracy, not evaluated there"):
+        fairness_run.check_recorded("digits", other)
+
+
 def test_code_version_names_the_commit():
     version = fairness_run.code_version()
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
