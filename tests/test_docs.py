@@ -115,6 +115,18 @@ def test_the_pages_are_found():
     assert len(names) > 30
 
 
+def test_no_table_cell_writes_a_norm_with_escaped_bars():
+    """In a Markdown table ``\\|`` is an escaped cell separator: ``$\\|C\\|_2$`` renders as ``|C|_2``, a wrong
+    formula without a warning. Table cells write norms as ``\\lVert C \\rVert`` (or the Unicode ‖C‖)."""
+    bad = [
+        f"{page_id(page)}:{number}"
+        for page in PAGES
+        for number, line in enumerate(page.read_text().splitlines(), 1)
+        if line.lstrip().startswith("|") and any("\\|" in math for math in re.findall(r"\$[^$]*\$", line))
+    ]
+    assert not bad, f"table rows with \\| inside $...$ (use \\lVert/\\rVert): {bad}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_relative_links_point_to_files(page):
     missing = [raw for raw, path in link_targets(page) if not path.resolve().exists()]
