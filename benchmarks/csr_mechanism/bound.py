@@ -53,32 +53,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BUDGET_EXIT = 3
 BATCH = 250
-#: Sweeps: (fairness protocol, methods in order of alpha, seeds).
-SWEEPS = {
-    "digits_alpha": (
-        "digits_alpha",
-        [
-            "trades",
-            "csr_paper_kl_batch_a0.1_g0",
-            "csr_paper_kl_batch",
-            "csr_paper_kl_batch_a0.6_g0",
-            "csr_paper_kl_batch_a1_g0",
-        ],
-        [0, 1, 2],
-    ),
-    "cifar10_finetune_alpha": (
-        "cifar10_finetune_alpha",
-        [
-            "trades",
-            "trades_csr_streaming",
-            "trades_csr_streaming_a0.6",
-            "trades_csr_paper",
-            "trades_csr_paper_a0.6",
-            "trades_csr_paper_a1",
-        ],
-        [0, 1, 2],
-    ),
-}
 #: (key, label) of the terms correlated with the test worst-class error, in table order.
 TERMS = (
     ("train_spectral_norm", "training ‖C_γ‖₂"),
@@ -109,6 +83,16 @@ def _script(path: Path, name: str):
 FAIRNESS = _script(ROOT / "benchmarks/fairness/run.py", "fairness_run")
 Budget = FAIRNESS.Budget
 BudgetExhausted = FAIRNESS.BudgetExhausted
+#: Sweeps: (fairness protocol, its methods that vary CSR's alpha (TRADES = alpha 0), seeds). digits_alpha: TRADES and
+#: the paper form at alpha 0.1-1.0; cifar10_finetune_alpha: TRADES and both forms at each alpha (not DAFA, FAAL).
+SWEEPS = {
+    name: (
+        name,
+        [m for m in FAIRNESS.PROTOCOLS[name].methods if m == "trades" or ("csr" in m and "faal" not in m)],
+        FAIRNESS.PROTOCOLS[name].seeds,
+    )
+    for name in ("digits_alpha", "cifar10_finetune_alpha")
+}
 
 
 # ------------------------------------------------------------------ statistics
