@@ -490,6 +490,25 @@ def common_args(protocol: str, method: str, seed: int, run_dir: Path) -> list[st
     ]
 
 
+def start_weights_args(protocol: str, out: Path) -> list[str]:
+    """The ``init_weights`` argument of a fine-tuning protocol's runs (none for the others): the base protocol's
+    model under ``out``, or the committed start model. Every command of such a run (fit, test, a later standard
+    AutoAttack test) names it, since the recipe's own ``init_weights`` is a public file this checkout may lack."""
+    spec = PROTOCOLS[protocol]
+    if spec.base is not None:
+        init = out / spec.base[0] / f"{spec.base[1]}_seed0" / "fit" / "checkpoints" / "last.ckpt"
+        return [f"--model.init_args.init_weights={init}"]
+    if spec.init_weights is None:
+        return []
+    init = ROOT / spec.init_weights
+    if not init.is_file():
+        raise SystemExit(
+            f"{init} is missing: run `python benchmarks/fairness/run.py --protocol cifar10_pretrain`, then "
+            "`python benchmarks/cifar10_pretrain/export.py` (it writes these weights)."
+        )
+    return [f"--model.init_args.init_weights={init}"]
+
+
 def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, extra: list[str]) -> dict:
     """Fit (resuming an interrupted fit) and test one method/seed; a finished run is read back."""
     run_dir = out / protocol / f"{method}_seed{seed}"
@@ -504,16 +523,7 @@ def run_one(protocol: str, method: str, seed: int, out: Path, budget: Budget, ex
     base = PROTOCOLS[protocol].base
     if base is not None:
         run_one(base[0], base[1], 0, out, budget, extra)  # the model every method fine-tunes
-        init = out / base[0] / f"{base[1]}_seed0" / "fit" / "checkpoints" / "last.ckpt"
-        args.append(f"--model.init_args.init_weights={init}")
-    if PROTOCOLS[protocol].init_weights is not None:
-        init = ROOT / PROTOCOLS[protocol].init_weights
-        if not init.is_file():
-            raise SystemExit(
-                f"{init} is missing: run `python benchmarks/fairness/run.py --protocol cifar10_pretrain`, then "
-                "`python benchmarks/cifar10_pretrain/export.py` (it writes these weights)."
-            )
-        args.append(f"--model.init_args.init_weights={init}")
+    args += start_weights_args(protocol, out)
     last = run_dir / "fit" / "checkpoints" / "last.ckpt"
     if not progress.get("fit_done"):
         resume = [f"--ckpt_path={last}"] if last.is_file() else []

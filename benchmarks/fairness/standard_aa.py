@@ -59,6 +59,16 @@ def summary(report: dict, attack: str) -> dict:
     return {"avg": entry["avg"], "worst": entry["worst"], "classwise_acc": entry["classwise_acc"]}
 
 
+def test_arguments(
+    runner, protocol: str, method: str, seed: int, out: Path, n_iter: int | None, extra: list[str]
+) -> list[str]:
+    """The ``confspec test`` arguments: the run's own (recipe, overlays, start weights), then the standard attack."""
+    run_dir = out / protocol / f"{method}_seed{seed}"
+    args = runner.common_args(protocol, method, seed, run_dir) + runner.start_weights_args(protocol, out) + extra
+    args += [f"--model.init_args.test_attacks={standard_attacks(n_iter)}"]
+    return [*args, "--trainer.logger.init_args.version=test_standard_aa"]
+
+
 def standard_test(
     runner,
     protocol: str,
@@ -76,9 +86,7 @@ def standard_test(
     remaining = budget.remaining()
     if remaining is not None and remaining < min_seconds:
         raise runner.BudgetExhausted
-    args = runner.common_args(protocol, method, seed, run_dir) + extra  # the run's own arguments, then ours
-    args += [f"--model.init_args.test_attacks={standard_attacks(n_iter)}"]
-    args += ["--trainer.logger.init_args.version=test_standard_aa"]
+    args = test_arguments(runner, protocol, method, seed, out, n_iter, extra)
     seconds = runner.confspec(["test", *args, f"--ckpt_path={last}"], run_dir / "log_standard_aa.txt", budget)
     from confspec_lightning.runs import latest_report
 

@@ -3,6 +3,8 @@ tests/benchmarks/test_fairness.py::test_budget_exit_then_resume_without_redoing)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import ROOT, load_script
@@ -38,3 +40,19 @@ def test_bad_arguments_are_refused_with_what_is_accepted(argv, message, capsys):
         standard_aa.main(["--protocol", "digits", *argv])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", ["cifar10_finetune_alpha", "cifar10_cpu_finetune", "digits"])
+def test_the_standard_test_names_the_runs_start_weights(protocol, tmp_path):
+    """A fine-tuning run's recipe names a public start file (absent here): the standard test, like the run's own
+    fit and test, names the protocol's start model instead, or the CLI refuses the missing file."""
+    runner = standard_aa._runner()
+    (tmp_path / protocol / "trades_seed0").mkdir(parents=True)
+    args = standard_aa.test_arguments(runner, protocol, "trades", 0, tmp_path, None, [])
+    weights = [arg for arg in args if arg.startswith("--model.init_args.init_weights=")]
+    assert weights == runner.start_weights_args(protocol, tmp_path)
+    if protocol == "digits":
+        assert weights == []
+    else:
+        assert len(weights) == 1 and Path(weights[0].split("=", 1)[1]).name in {"trades_pretrained.pt", "last.ckpt"}
+    assert args[-2].startswith("--model.init_args.test_attacks=") and "version: standard" in args[-2]
