@@ -171,11 +171,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[standard_aa] {key}: training and testing it first (fairness runner)", flush=True)
                 runner.run_one(args.protocol, method, seed, args.out, budget, args.extra)
             run = json.loads((run_dir / "result.json").read_text())
-            try:  # "custom" must be the recorded run's AutoAttack (smoke runs with --extra are never recorded)
-                if not args.extra:
+            if not args.extra:  # "custom" must be the recorded run's AutoAttack (smoke runs are never recorded)
+                try:
                     runner.check_recorded(args.protocol, run)
-            except ValueError as error:
-                raise SystemExit(f"[standard_aa] {error}") from None
+                except ValueError as error:
+                    raise SystemExit(f"[standard_aa] {error}") from None
             custom = run["evaluation"]
             print(f"[standard_aa] {key}: standard AutoAttack ...", flush=True)
             start = time.perf_counter()
