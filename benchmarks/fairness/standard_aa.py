@@ -2,7 +2,8 @@
 protocol's own AutoAttack (APGD-CE + APGD-T), so the headline numbers are the standard ones or the gap is measured.
 
 Each run is a directory of ``benchmarks/fairness/run.py`` (``<out>/<protocol>/<method>_seed<k>/``); with
-``--fit-missing`` the runner trains and tests a missing one first (same recipe, seed and code as the sweep).
+``--fit-missing`` the runner trains and tests a missing one first (same recipe, seed and code as the sweep) and
+records it in results.json, as the sweep would.
 The standard attack runs as ``confspec test`` on the run's last checkpoint, on the protocol's test images, with
 ``test_attacks`` replaced by the standard AutoAttack alone; the result lands in ``standard_aa.json`` and
 ``STANDARD_AA.md`` beside this script. Resumable: ``--time-budget`` exits 3 when spent (a test is started only
@@ -169,7 +170,16 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.fit_missing:
                     raise SystemExit(f"{run_dir} has no finished run; add --fit-missing to train and test it.")
                 print(f"[standard_aa] {key}: training and testing it first (fairness runner)", flush=True)
-                runner.run_one(args.protocol, method, seed, args.out, budget, args.extra)
+                result = runner.run_one(args.protocol, method, seed, args.out, budget, args.extra)
+                if not args.extra:  # a run of the sweep like any other: on record, as the runner records it
+                    previous = runner.recorded_runs(args.protocol).get((method, seed))
+                    if previous is not None:
+                        print(
+                            f"[standard_aa] {key}: results.json held a run at code {previous.get('code')} whose "
+                            f"directory is gone; replacing it with this one (code {code}), the model tested here",
+                            flush=True,
+                        )
+                    runner.record(args.protocol, runner.stamp(result, code))
             run = json.loads((run_dir / "result.json").read_text())
             if not args.extra:  # "custom" must be the recorded run's AutoAttack (smoke runs are never recorded)
                 try:
