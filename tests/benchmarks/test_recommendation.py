@@ -53,6 +53,10 @@ QUOTED = [
     ("cifar10_finetune", "trades_csr", "+0.83 ± 0.29", "-0.33"),
     ("cifar10_finetune", "trades_csr_paper", "+0.67 ± 0.76", "-1.10 ± 0.23"),
     ("cifar10_finetune", "trades_csr_paper_a0.6", "+1.00", "-2.35"),
+    ("cifar10_finetune_alpha", "trades_csr_streaming", "+2.50", "-0.75"),
+    ("cifar10_finetune_alpha", "trades_csr_streaming_a0.6", "+4.00", "-2.50"),
+    ("cifar10_finetune_alpha", "trades_csr_paper_a0.6", "+1.00", "-2.50"),
+    ("cifar10_finetune_alpha", "trades_csr_paper_a1", "-0.50", "-3.10"),
 ]
 
 
@@ -95,3 +99,28 @@ def test_the_pooled_alpha_gains_on_the_digits_csr_page_are_the_recorded_ones():
         assert row.rstrip(" |").endswith(" / ".join(pooled)), (row, pooled)
         if label != "kl batch, alpha 0.1":  # the recommendation quotes the pooled gains of the other three
             assert " / ".join(pooled) in " ".join(section().split()), pooled
+
+
+def test_the_alpha_study_table_on_the_cifar10_page_is_the_recorded_seed_0():
+    """docs/benchmarks/cifar10-finetune.md's alpha-study table: each row names its results.json method and quotes
+    that run's seed-0 AutoAttack avg, worst class, mean of the 3 weakest classes and the difference to TRADES."""
+    runs = {
+        r["method"]: r["evaluation"]["attacks"]["autoattack"]
+        for r in json.loads((ROOT / "benchmarks/fairness/results.json").read_text())["protocols"][
+            "cifar10_finetune_alpha"
+        ]
+        if r["seed"] == 0
+    }
+    page = (ROOT / "docs/benchmarks/cifar10-finetune.md").read_text()
+    start = page.index("## The alpha study")
+    rows = [line for line in page[start : page.index("\n## ", start + 1)].splitlines() if re.match(r"\| .*\(`", line)]
+    named = [re.search(r"\(`([^`]+)`\)", row).group(1) for row in rows]
+    assert sorted(named) == sorted(runs)  # every seed-0 run on record has its row, and no row lacks a run
+    trades = runs["trades"]
+    for method, row in zip(named, rows, strict=True):
+        aa = runs[method]
+        weakest = sum(sorted(aa["classwise_acc"])[:3]) / 3
+        cells = [f"{100 * aa['avg']:.2f}", f"{100 * aa['worst']:.2f}", f"{100 * weakest:.2f}"]
+        if method != "trades":
+            cells.append(f"{100 * (aa['worst'] - trades['worst']):+.2f} / {100 * (aa['avg'] - trades['avg']):+.2f}")
+        assert [cell.strip() for cell in row.split("|")[2:-1] if cell.strip()] == cells, (method, row)
