@@ -30,7 +30,8 @@ def test_recipes_are_shipped_as_bases_and_overlays():
     methods = ["trades", "trades_csr", "trades_csr_paper", "frl_rw", "frl_rwrm", "faal", "faal_csr", "cfa", "wat"]
     assert {f"digits/{m}" for m in [*methods, "dafa", "pgdat_csr", "mart", "trades_awp", "trades_awp_csr"]} <= names
     assert {f"cifar10/scratch_{m}" for m in ["trades", "trades_csr", "frl_rwrm", "faal", "cfa", "wat", "dafa"]} <= names
-    finetune = ["trades", "trades_csr", "frl_rwrm", "faal", "faal_csr", "cfa", "wat", "dafa", "trades_awp_csr"]
+    finetune = ["trades", "trades_csr", "trades_csr_streaming", "trades_csr_paper", "frl_rwrm", "faal", "faal_csr"]
+    finetune += ["cfa", "wat", "dafa", "trades_awp", "trades_awp_csr"]
     assert {f"cifar10/finetune_{m}" for m in finetune} <= names
     public = {"cifar10/finetune_trades_csr_from_trades_wrn", "cifar10/finetune_trades_csr_from_robustbench"}
     assert public <= names  # docs/how-to/public-models.md

@@ -38,6 +38,30 @@ def test_the_recommended_entries_build_the_settings_the_table_names():
     assert (finetune.form, finetune.alpha, finetune.confusion_source) == ("code", 0.3, "streaming")
 
 
+def settings(csr: CSR) -> dict:
+    """A bound CSR's options (what changes its term)."""
+    csr.bind(10)
+    return {key: value for key, value in vars(csr).items() if isinstance(value, (int, float, str, bool))}
+
+
+def test_the_recipe_the_section_names_for_fine_tuning_builds_its_recommended_entry():
+    from confspec_lightning.recipes import recipe_files
+
+    (name,) = re.findall(r"the recipe `([^`]+)`", section())
+    fairness = None
+    for path in recipe_files(name):  # a later file's list replaces an earlier one's, as in the CLI
+        fairness = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args", {}).get("fairness", fairness)
+    (entry,) = fairness
+    assert entry["class_path"] == "confspec_lightning.fairness.CSR"
+    (block,) = re.findall(r"```yaml\n(.*?)```", section(), flags=re.S)
+    recommended = yaml.safe_load(block)[1]["init_args"]
+    assert settings(CSR(**entry["init_args"])) == settings(CSR(**recommended))
+    # and it is not the authors' code form, which keeps its own recipe
+    authors_form = yaml.safe_load((ROOT / "configs/methods/trades_csr.yaml").read_text())
+    (authors,) = authors_form["model"]["init_args"]["fairness"]
+    assert settings(CSR(**authors["init_args"]))["confusion_source"] == "epoch_pass"
+
+
 #: (protocol, method of results.json, Δ worst and Δ avg as the section quotes them)
 QUOTED = [
     ("digits_csr", "csr_paper_kl_batch_a0.6_g0", "+16.19 ± 1.65", "+2.17 ± 0.57"),
