@@ -56,3 +56,22 @@ def test_the_standard_test_names_the_runs_start_weights(protocol, tmp_path):
     else:
         assert len(weights) == 1 and Path(weights[0].split("=", 1)[1]).name in {"trades_pretrained.pt", "last.ckpt"}
     assert args[-2].startswith("--model.init_args.test_attacks=") and "version: standard" in args[-2]
+
+
+def test_the_cifar10_pages_standard_autoattack_figures_are_the_recorded_ones():
+    """docs/benchmarks/cifar10-finetune.md quotes the standard test of each CIFAR-10 run in standard_aa.json as
+    "<standard avg> / <worst> against the protocol's <custom avg> / <worst>", with its time."""
+    import json
+
+    runs = json.loads((ROOT / "benchmarks/fairness/standard_aa.json").read_text())["runs"]
+    page = " ".join((ROOT / "docs/benchmarks/cifar10-finetune.md").read_text().split())
+    cifar = {key: row for key, row in runs.items() if key.startswith("cifar10_")}
+    assert cifar  # the page's claim needs a record
+    for key, row in cifar.items():
+        standard, custom = row["standard"], row["custom"]
+        quoted = (
+            f"{100 * standard['avg']:.2f} / {100 * standard['worst']:.2f} against the protocol's "
+            f"{100 * custom['avg']:.2f} / {100 * custom['worst']:.2f}"
+        )
+        assert quoted in page, (key, quoted)
+        assert f"{row['seconds']:.0f} s" in page, key
