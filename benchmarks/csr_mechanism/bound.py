@@ -177,6 +177,11 @@ def analyse(rows: dict[str, dict], resamples: int = 2000, seed: int = 0) -> dict
     return result
 
 
+#: fewer runs than this get no verdict: a bootstrap over 4 or 5 runs resamples a handful of distinct points, and a
+#: perfect rank order of 4 runs happens by chance once in 12 (two-sided), yet its interval collapses to [-1, -1]
+MIN_VERDICT_RUNS = 6
+
+
 def verdict(analysis: dict) -> str:
     """Does a lower training ||C_gamma||_2 go with a lower test worst-class error, at this number of runs?"""
     term = analysis["terms"]["train_spectral_norm"]
@@ -184,6 +189,11 @@ def verdict(analysis: dict) -> str:
     n = len(analysis["runs"])
     if math.isnan(rho):
         return f"undetermined ({n} runs: the correlation is undefined)."
+    if n < MIN_VERDICT_RUNS:
+        return (
+            f"too few runs to say ({n}, fewer than {MIN_VERDICT_RUNS}: over so few runs neither ρ = {rho:+.2f} nor "
+            "its bootstrap interval means anything)."
+        )
     if low > 0:
         return (
             f"yes: across {n} runs a lower training ‖C_γ‖₂ goes with a lower test worst-class robust error "

@@ -35,6 +35,8 @@ def test_rank_statistics_by_hand():
     assert bound.verdict(analysis).startswith("yes")
     analysis["terms"]["train_spectral_norm"]["ci95"] = [-0.3, 1.0]
     assert bound.verdict(analysis).startswith("not shown")
+    analysis = {"runs": ["x"] * 4, "terms": {"train_spectral_norm": {"spearman": -1.0, "ci95": [-1.0, -1.0]}}}
+    assert bound.verdict(analysis).startswith("too few runs to say (4, fewer than 6")
 
 
 def make_run(directory, module, config_text: str, seed: int, report: bool) -> None:
