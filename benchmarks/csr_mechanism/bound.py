@@ -537,14 +537,7 @@ def main(argv: list[str] | None = None) -> None:
                     missing.append(name)
                     continue
                 result = FAIRNESS.stamp(FAIRNESS.run_one(*origin, args.runs_root, budget, []), FAIRNESS.code_version())
-                previous = FAIRNESS.recorded_runs(origin[0]).get(origin[1:])
-                if previous is not None:  # the analysis reads this model: its record must be this run's
-                    print(
-                        f"[bound] {name}: results.json held a run at code {previous.get('code')}; replacing it with "
-                        f"this one (code {result['code']}), the model analysed here",
-                        flush=True,
-                    )
-                FAIRNESS.record(origin[0], result)
+                FAIRNESS.record_fitted(origin[0], result, "bound")
             if origin is not None:  # the terms go beside the run's record: it must be this directory's run
                 try:
                     FAIRNESS.check_recorded(origin[0], json.loads((directory / "result.json").read_text()))

@@ -358,6 +358,23 @@ def record(protocol: str, result: dict) -> None:
         write_report(stored["protocols"], stored["commands"], stored.get("notes"))
 
 
+def record_fitted(protocol: str, result: dict, tool: str) -> None:
+    """Record a run that ``tool`` (standard_aa.py, bound.py) trained because its directory was missing.
+
+    The tool goes on to read that directory's model, so its record must be this run: a record left by a run whose
+    directory is gone (trained at other code, or merged from another checkout) is replaced, and the tool says so.
+    """
+    previous = recorded_runs(protocol).get((result["method"], result["seed"]))
+    if previous is not None:
+        print(
+            f"[{tool}] {protocol}/{result['method']}_seed{result['seed']}: results.json held a run at code "
+            f"{previous.get('code')} whose directory is gone; replacing it with this one (code {result.get('code')}), "
+            f"the model {tool} reads",
+            flush=True,
+        )
+    record(protocol, result)
+
+
 def check_recorded(protocol: str, result: dict) -> dict | None:
     """The results.json record of the run whose ``result.json`` is ``result`` (None when none is on record).
 

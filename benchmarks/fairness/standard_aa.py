@@ -172,14 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[standard_aa] {key}: training and testing it first (fairness runner)", flush=True)
                 result = runner.run_one(args.protocol, method, seed, args.out, budget, args.extra)
                 if not args.extra:  # a run of the sweep like any other: on record, as the runner records it
-                    previous = runner.recorded_runs(args.protocol).get((method, seed))
-                    if previous is not None:
-                        print(
-                            f"[standard_aa] {key}: results.json held a run at code {previous.get('code')} whose "
-                            f"directory is gone; replacing it with this one (code {code}), the model tested here",
-                            flush=True,
-                        )
-                    runner.record(args.protocol, runner.stamp(result, code))
+                    runner.record_fitted(args.protocol, runner.stamp(result, code), "standard_aa")
             run = json.loads((run_dir / "result.json").read_text())
             if not args.extra:  # "custom" must be the recorded run's AutoAttack (smoke runs are never recorded)
                 try:

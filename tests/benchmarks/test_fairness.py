@@ -192,6 +192,21 @@ def test_record_keeps_every_run_and_replaces_a_rerun(tmp_path, monkeypatch):
     assert (tmp_path / "digits_classwise.png").stat().st_size > 0
 
 
+def test_a_run_fitted_by_another_tool_replaces_a_stale_record_and_says_so(tmp_path, monkeypatch, capsys):
+    """standard_aa.py and bound.py train a missing run and then read its model: its record must be that run."""
+    monkeypatch.setattr(fairness_run, "HERE", tmp_path)
+    monkeypatch.setattr(fairness_run, "RESULTS_JSON", tmp_path / "results.json")
+    monkeypatch.setattr(fairness_run, "RESULTS_MD", tmp_path / "RESULTS.md")
+    fairness_run.record_fitted("digits", fake_result("trades", 0, worst=0.1, avg=0.6) | {"code": "abc1234"}, "bound")
+    assert capsys.readouterr().out == ""  # nothing was on record: nothing to say
+    fairness_run.record_fitted("digits", fake_result("trades", 0, worst=0.3, avg=0.6) | {"code": "def5678"}, "bound")
+    said = capsys.readouterr().out
+    assert "[bound] digits/trades_seed0: results.json held a run at code abc1234" in said
+    assert "replacing it with this one (code def5678)" in said
+    (recorded,) = fairness_run.recorded_runs("digits").values()
+    assert (recorded["code"], recorded["evaluation"]["attacks"]["autoattack"]["worst"]) == ("def5678", 0.3)
+
+
 def test_a_run_directory_holding_another_run_than_the_record_is_refused(tmp_path, monkeypatch):
     """bound.py and standard_aa.py read a run's directory beside its record: a model trained again (other code, or
     a record merged from another checkout) must not pass for the recorded one."""
