@@ -15,6 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared test modu
 os.environ.setdefault("PYTHONHASHSEED", "0")
 # one intra-op thread per pytest-xdist worker (the workers share the cores), at most 2 in a single process
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # and in the processes a worker starts (confspec commands, scripts): 2 OpenMP threads each beside the other
+    # worker oversubscribe the cores, and their spin-waits cost CPU time (-10 to -20 % on the subprocess tests)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
