@@ -81,6 +81,7 @@ QUOTED = [
     ("cifar10_finetune_alpha", "trades_csr_streaming_a0.6", "+4.17 ± 0.29", "-2.02 ± 0.42"),
     ("cifar10_finetune_alpha", "trades_csr_paper_a0.6", "+0.83 ± 0.29", "-2.18 ± 0.28"),
     ("cifar10_finetune_alpha", "trades_csr_paper_a1", "-0.67 ± 1.76", "-3.07 ± 0.20"),
+    ("cifar10_finetune_alpha", "dafa", "+2.33 ± 0.29", "-0.57 ± 0.03"),
 ]
 
 
