@@ -82,6 +82,7 @@ QUOTED = [
     ("cifar10_finetune_alpha", "trades_csr_paper_a0.6", "+0.83 ± 0.29", "-2.18 ± 0.28"),
     ("cifar10_finetune_alpha", "trades_csr_paper_a1", "-0.67 ± 1.76", "-3.07 ± 0.20"),
     ("cifar10_finetune_alpha", "dafa", "+2.33 ± 0.29", "-0.57 ± 0.03"),
+    ("cifar10_finetune_alpha", "faal_csr", "+2.67 ± 1.26", "-2.90 ± 0.33"),
 ]
 
 
